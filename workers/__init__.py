@@ -1,0 +1,1 @@
+"""Per-checkpoint worker: checkpoint sources, CRIU image reader, namespace builders, pools."""

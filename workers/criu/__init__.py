@@ -1,0 +1,1 @@
+"""Reader for CRIU image files (protobuf entries framed as CRIU writes them)."""
