@@ -199,10 +199,13 @@ def scan_config_dir(config_dir):
         except ConfigError as error:
             scan.errors[str(file)] = str(error)
             continue
-        if config.name in scan.configs:
-            first = scan.configs[config.name].file
+        # circus watcher names are case-insensitive, so "Fn" and "fn" would share a worker.
+        clash = next((other for other in scan.configs.values()
+                      if other.name.lower() == config.name.lower()), None)
+        if clash is not None:
             scan.errors[str(file)] = str(ConfigError(
-                file, "name", f"{config.name!r} is already used by {first}; names must be unique"))
+                file, "name", f"{config.name!r} is already used by {clash.file}; "
+                "names must be unique, ignoring case"))
             continue
         scan.configs[config.name] = config
     return scan

@@ -1,0 +1,3 @@
+from cerman.cli import main
+
+main()

@@ -1,0 +1,345 @@
+"""The router: the one socket clients talk to.
+
+It forwards each request to the worker of the checkpoint it names, answers with an
+error (never a hang) when that worker is missing, starting or slow, and keeps circus'
+worker watchers in line with the config directory (at start and on ``reload``).
+"""
+
+import hashlib
+import itertools
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from cerman import paths as cerman_paths
+from cerman import protocol
+from cerman.config import scan_config_dir
+from cerman.errors import CermanError, RequestError, WorkerUnavailable
+from cerman.watchers import CircusError, WatcherControl, watcher_name
+
+log = logging.getLogger(__name__)
+
+# A worker that sent no heartbeat for this long is treated as gone.
+HEARTBEAT_EXPIRY = 3.0
+# Time a worker gets to answer; kept below the client's default timeout (30 s) so the
+# client always sees the router's error rather than its own timeout.
+REQUEST_DEADLINES = {"get": 20.0, "checkpoint-get": 20.0}
+REQUEST_DEADLINE_DEFAULT = 10.0
+STATUS_FANOUT_DEADLINE = 2.0
+
+
+@dataclass
+class WorkerInfo:
+    last_seen: float = 0.0
+    status: dict = field(default_factory=dict)
+
+    def alive(self, now):
+        return now - self.last_seen < HEARTBEAT_EXPIRY
+
+
+@dataclass
+class Pending:
+    """A client request waiting for one or more worker replies."""
+
+    envelope: list
+    deadline: float
+    checkpoint: str | None
+    op: str
+    waiting: set = field(default_factory=set)
+    replies: dict = field(default_factory=dict)
+
+
+class Router:
+    def __init__(self, paths, watcher_control=None):
+        self.paths = paths
+        self.context = zmq.Context()
+        self.frontend = None
+        self.backend = None
+        self.watchers = watcher_control
+        self.workers = {}
+        self.pending = {}
+        self.configs = {}
+        self.config_errors = {}
+        self.config_digests = {}
+        self.running = True
+        self._request_ids = itertools.count(1)
+
+    # -- set-up ---------------------------------------------------------------
+
+    def bind(self):
+        self.paths.run_dir.mkdir(parents=True, exist_ok=True)
+        self.frontend = self.context.socket(zmq.ROUTER)
+        self.frontend.setsockopt(zmq.LINGER, 0)
+        self.frontend.bind(self.paths.client_endpoint)
+
+        self.backend = self.context.socket(zmq.ROUTER)
+        self.backend.setsockopt(zmq.LINGER, 0)
+        # Fail fast (EHOSTUNREACH) instead of silently dropping a request for a worker
+        # that is not connected, and let a restarted worker take over its identity.
+        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.backend.bind(self.paths.worker_endpoint)
+        log.info("router listening on %s (workers on %s)",
+                 self.paths.client_endpoint, self.paths.worker_endpoint)
+
+    def close(self):
+        for socket in (self.frontend, self.backend):
+            if socket is not None:
+                socket.close(linger=0)
+        if self.watchers is not None:
+            self.watchers.close()
+        self.context.term()
+
+    # -- config reconciliation --------------------------------------------------
+
+    def reload(self):
+        """Re-read the config directory and add, remove or restart worker watchers."""
+        scan = scan_config_dir(self.paths.config_dir)
+        digests = {name: _file_digest(config.file) for name, config in scan.configs.items()}
+        for file, message in scan.errors.items():
+            log.warning("invalid checkpoint config %s", message)
+
+        result = {"added": [], "removed": [], "restarted": [], "unchanged": [],
+                  "config_errors": _error_list(scan.errors)}
+        if self.watchers is not None:
+            existing = self.watchers.worker_watchers()
+            for name in sorted(set(scan.configs) - existing):
+                self.watchers.add(name)
+                result["added"].append(name)
+            for name in sorted(existing - set(scan.configs)):
+                self.watchers.remove(name)
+                self.workers.pop(name, None)
+                result["removed"].append(name)
+            for name in sorted(set(scan.configs) & existing):
+                known = self.config_digests.get(name)
+                if known is not None and known != digests[name]:
+                    self.watchers.restart(name)
+                    result["restarted"].append(name)
+                else:
+                    result["unchanged"].append(name)
+
+        self.configs = scan.configs
+        self.config_errors = scan.errors
+        self.config_digests = digests
+        log.info("config reloaded from %s: %d checkpoints, %d invalid files",
+                 self.paths.config_dir, len(scan.configs), len(scan.errors))
+        return result
+
+    # -- main loop --------------------------------------------------------------
+
+    def run(self):
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        while self.running:
+            events = dict(poller.poll(timeout=200))
+            if self.backend in events:
+                self._drain(self.backend, self._on_worker_message)
+            if self.frontend in events:
+                self._drain(self.frontend, self._on_client_message)
+            self._expire(time.monotonic())
+        log.info("router stopping")
+
+    def _drain(self, socket, handler):
+        while True:
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handler(frames)
+
+    def _on_client_message(self, frames):
+        envelope, payload = frames[:-1], frames[-1]
+        try:
+            request = protocol.decode(payload)
+            checkpoint = protocol.request_checkpoint(request)
+            self._dispatch(envelope, request, checkpoint)
+        except CermanError as error:
+            self._reply(envelope, protocol.failure(error))
+        except Exception as error:  # a router crash would take every checkpoint down
+            log.exception("request %r failed", payload[:200])
+            self._reply(envelope, protocol.failure(error))
+
+    def _dispatch(self, envelope, request, checkpoint):
+        op = request["op"]
+        if op == "reload":
+            self._reply(envelope, protocol.ok(self._reload_result()))
+            return
+        if op == "status" and checkpoint is None:
+            self._status_all(envelope)
+            return
+
+        self._require_configured(checkpoint)
+        request_id = self._forward(checkpoint, request)
+        deadline = time.monotonic() + REQUEST_DEADLINES.get(op, REQUEST_DEADLINE_DEFAULT)
+        self.pending[request_id] = Pending(envelope, deadline, checkpoint, op, {checkpoint})
+
+    def _reload_result(self):
+        try:
+            return self.reload()
+        except CircusError as error:
+            raise RequestError(f"reload failed: {error}") from error
+
+    def _require_configured(self, checkpoint):
+        if checkpoint in self.configs:
+            return
+        raise RequestError(
+            f"checkpoint {checkpoint!r} is not configured in {self.paths.config_dir}; "
+            "add a config file for it and run 'cerman ctl reload'")
+
+    def _forward(self, checkpoint, request):
+        """Send ``request`` to the checkpoint's worker; return the request id."""
+        worker = self.workers.get(checkpoint)
+        if worker is None or not worker.alive(time.monotonic()):
+            raise WorkerUnavailable(
+                f"worker of checkpoint {checkpoint!r} is not running (starting or restarting; "
+                f"circus watcher {watcher_name(checkpoint)}); retry in a few seconds")
+        request_id = str(next(self._request_ids)).encode()
+        try:
+            self.backend.send_multipart([checkpoint.encode(), request_id, protocol.encode(request)],
+                                        zmq.NOBLOCK)
+        except zmq.ZMQError as error:
+            raise WorkerUnavailable(
+                f"worker of checkpoint {checkpoint!r} is not connected ({error.strerror}); "
+                "retry in a few seconds") from error
+        return request_id
+
+    def _on_worker_message(self, frames):
+        if len(frames) != 3:
+            log.warning("dropping malformed worker message with %d frames", len(frames))
+            return
+        identity, tag, payload = frames
+        checkpoint = identity.decode(errors="replace")
+        if tag == protocol.HEARTBEAT:
+            worker = self.workers.setdefault(checkpoint, WorkerInfo())
+            if not worker.alive(time.monotonic()):
+                log.info("worker of checkpoint %r connected", checkpoint)
+            worker.last_seen = time.monotonic()
+            worker.status = protocol.decode(payload)
+            return
+
+        pending = self.pending.get(tag)
+        if pending is None:
+            log.info("late reply %s from worker %r dropped", tag.decode(), checkpoint)
+            return
+        pending.replies[checkpoint] = protocol.decode(payload)
+        pending.waiting.discard(checkpoint)
+        if pending.waiting:
+            return
+        del self.pending[tag]
+        if pending.op == "status" and pending.checkpoint is None:
+            self._reply(pending.envelope, protocol.ok(self._merge_status(pending.replies)))
+        else:
+            self._reply(pending.envelope, pending.replies[checkpoint])
+
+    def _expire(self, now):
+        for request_id, pending in list(self.pending.items()):
+            if now < pending.deadline:
+                continue
+            del self.pending[request_id]
+            if pending.op == "status" and pending.checkpoint is None:
+                self._reply(pending.envelope, protocol.ok(self._merge_status(pending.replies)))
+                continue
+            log.warning("worker of checkpoint %r did not answer %s in time",
+                        pending.checkpoint, pending.op)
+            error = WorkerUnavailable(
+                f"worker of checkpoint {pending.checkpoint!r} did not answer {pending.op!r} in "
+                "time; it may be busy or restarting; check 'cerman ctl status' and retry")
+            self._reply(pending.envelope, protocol.failure(error))
+
+    def _reply(self, envelope, message):
+        try:
+            self.frontend.send_multipart(envelope + [protocol.encode(message)], zmq.NOBLOCK)
+        except zmq.ZMQError as error:
+            log.info("client went away before its reply: %s", error)
+
+    # -- status -----------------------------------------------------------------
+
+    def _status_all(self, envelope):
+        now = time.monotonic()
+        waiting = set()
+        request_id = str(next(self._request_ids)).encode()
+        for name in self.configs:
+            worker = self.workers.get(name)
+            if worker is None or not worker.alive(now):
+                continue
+            try:
+                self.backend.send_multipart(
+                    [name.encode(), request_id, protocol.encode({"op": "status", "checkpoint": name})],
+                    zmq.NOBLOCK)
+            except zmq.ZMQError:
+                continue
+            waiting.add(name)
+        pending = Pending(envelope, now + STATUS_FANOUT_DEADLINE, None, "status", waiting)
+        if not waiting:
+            self._reply(envelope, protocol.ok(self._merge_status({})))
+            return
+        self.pending[request_id] = pending
+
+    def _merge_status(self, replies):
+        now = time.monotonic()
+        watcher_states = {}
+        if self.watchers is not None:
+            try:
+                watcher_states = self.watchers.statuses()
+            except CircusError as error:
+                log.warning("cannot read watcher states: %s", error)
+
+        checkpoints = {}
+        for name in sorted(self.configs):
+            reply = replies.get(name)
+            worker = self.workers.get(name)
+            if reply is not None and reply.get("ok"):
+                entry = dict(reply["result"])
+            elif worker is not None and worker.alive(now):
+                entry = dict(worker.status)
+                entry["note"] = "worker did not answer in time; showing its last heartbeat"
+            else:
+                entry = {"state": "starting", "pid": None, "pools": {},
+                         "error": None if worker is None else "worker stopped sending heartbeats"}
+            entry["watcher"] = watcher_states.get(name, "unknown")
+            checkpoints[name] = entry
+        return {"checkpoints": checkpoints, "config_dir": str(self.paths.config_dir),
+                "config_errors": _error_list(self.config_errors)}
+
+
+def _error_list(errors):
+    return [{"file": file, "message": message} for file, message in sorted(errors.items())]
+
+
+def _file_digest(path):
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def run():
+    """Entry point of the cerman-router watcher; returns the exit code."""
+    logging.basicConfig(level=os.environ.get("CERMAN_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s router[%(process)d] %(levelname)s %(name)s: %(message)s")
+    paths = cerman_paths.resolve()
+    watchers = WatcherControl(paths.circus_endpoint, paths)
+    router = Router(paths, watchers)
+
+    def stop(signum, frame):
+        router.running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    router.bind()
+    try:
+        try:
+            router.reload()
+        except CircusError as error:
+            # Serving requests matters more than reconciling now: reload retries it.
+            log.error("initial reload failed: %s", error)
+        router.run()
+    finally:
+        router.close()
+    return 0
