@@ -3,9 +3,11 @@
 ``populate_ipc(image)`` works on the IPC namespace of the calling process, so it
 runs in a short-lived child that has just called ``unshare(CLONE_NEWIPC)``. Steps:
 
-1. Raise the limits (``kernel/msgmax``, ``kernel/sem``, ``kernel/shmmax`` and the
-   object counts) to whatever the image needs, because it may hold more than its own
-   final limits allow: a message larger than ``msgmax`` sent before it was lowered.
+1. Raise the limits (``kernel/msgmax``, ``kernel/msgmnb``, ``kernel/sem``,
+   ``kernel/shmmax`` and the object counts) to whatever the image needs, because it
+   may hold more than its own final limits allow: a message larger than ``msgmax``
+   sent before it was lowered. Raising ``msgmnb`` first also lets ``IPC_SET`` give a
+   queue a ``msg_qbytes`` above the default without CAP_SYS_RESOURCE.
 2. Create each object under its exact id by writing ``kernel/{shm,msg,sem}_next_id``
    right before the get call, then check the id the kernel returned. The creator
    ids (cuid, cgid) come from the effective uid and gid at creation, so the child
@@ -121,10 +123,12 @@ def _creation_limits(image):
     shm_pages = sum(-(-segment.size // _PAGE_SIZE) for segment in image.shm)
     largest_set = max((len(semaphores.values) for semaphores in image.sem), default=0)
     total_semaphores = sum(len(semaphores.values) for semaphores in image.sem)
+    largest_queue = max((_queue_room(queue) for queue in image.msg), default=0)
     semmsl, semmns, semopm, semmni = sysctls.sem
 
     return {
         "kernel/msgmax": max(sysctls.msgmax, largest_message),
+        "kernel/msgmnb": max(sysctls.msgmnb, largest_queue),
         "kernel/msgmni": max(sysctls.msgmni, len(image.msg)),
         "kernel/shmmax": max(sysctls.shmmax, largest_segment),
         "kernel/shmall": max(sysctls.shmall, shm_pages),
@@ -297,16 +301,23 @@ def _create_queue(queue):
     flags = IPC_CREAT | IPC_EXCL | (desc.mode & 0o777)
     _get_with_id("msg", desc, lambda: _libc.msgget(_signed32(desc.key), flags))
 
-    # msgsnd blocks once the queue's bytes or messages would exceed msg_qbytes, and
-    # the image may hold more than its final qbytes if that was lowered after sending.
-    content = sum(len(message.data) for message in queue.messages)
-    room = max(queue.qbytes, content, len(queue.messages))
+    room = _queue_room(queue)
     if room != queue.qbytes:
         _set_permissions("msg", _libc.msgctl, desc, qbytes=room)
     for index, message in enumerate(queue.messages):
         _send(desc, index, message)
 
     _set_permissions("msg", _libc.msgctl, desc, qbytes=queue.qbytes)
+
+
+def _queue_room(queue):
+    """Return the msg_qbytes a queue needs while its messages are sent.
+
+    msgsnd blocks once the queue's bytes or messages would exceed msg_qbytes, and the
+    image may hold more than its final qbytes if that was lowered after sending.
+    """
+    content = sum(len(message.data) for message in queue.messages)
+    return max(queue.qbytes, content, len(queue.messages))
 
 
 def _send(desc, index, message):
