@@ -28,6 +28,8 @@ Scenarios (see ``ipcgen.py`` for the exact objects):
 - ``many``: 48 segments, 48 queues and 48 semaphore sets.
 """
 
+import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -36,11 +38,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from workers import namespaces
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,10 @@ CRIU_TIMEOUT = 120.0
 
 class CheckpointSetupError(RuntimeError):
     """Raised when a test checkpoint cannot be made. The message contains the tool output."""
+
+
+class BuildFailed(AssertionError):
+    """Raised when cerman's builder fails on a checkpoint: a test failure, not a setup error."""
 
 
 @dataclass(frozen=True)
@@ -80,9 +87,11 @@ def criu_binary():
     return path
 
 
-def make_ipc_checkpoint(workdir: Path, scenario: str) -> Checkpoint:
+def make_ipc_checkpoint(workdir: Path, scenario: str, *, interpreter=None) -> Checkpoint:
     """Start the scenario's process, snapshot its namespaces and dump it into ``workdir/images``.
 
+    ``interpreter`` is a copy of this Python binary to run the generator with (it finds
+    its standard library through PYTHONHOME), so a test can move the dumped binary.
     The process is killed and reaped before this returns, also when a step fails.
     """
     if scenario not in SCENARIOS:
@@ -93,9 +102,13 @@ def make_ipc_checkpoint(workdir: Path, scenario: str) -> Checkpoint:
     images_dir.mkdir(parents=True)
     dump_log = workdir / "dump.log"
 
-    process = subprocess.Popen(
-        ["unshare", "--ipc", "--uts", sys.executable, str(GENERATOR), scenario],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+    env = dict(os.environ)
+    if interpreter is not None:
+        env["PYTHONHOME"] = sys.prefix
+    command = ["unshare", "--ipc", "--uts", str(interpreter or sys.executable), str(GENERATOR),
+               scenario]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd="/", env=env)
     try:
         pid = wait_ready(process, scenario)
         expected = snapshot_process(pid)
@@ -182,28 +195,112 @@ def stop(process):
             stream.close()
 
 
-def kill_pid(pid, timeout=10.0):
-    """SIGKILL a process that is not our child (a restored one) and wait until it is gone.
+class RestoreError(RuntimeError):
+    """Raised when ``criu restore`` fails. ``log_path`` names CRIU's log."""
 
-    Returns once /proc/PID no longer names a live process. A zombie waiting for its
-    parent counts as gone.
+    def __init__(self, message, log_path):
+        super().__init__(message)
+        self.log_path = Path(log_path)
+
+    def log_text(self):
+        return self.log_path.read_text(errors="replace")
+
+
+def restore(checkpoint, workdir, join_ns=(), images_dir=None):
+    """Run ``criu restore -d`` of ``checkpoint`` and return the restored pid.
+
+    ``join_ns`` is a list of (type, nsfs path) pairs passed as ``--join-ns TYPE:PATH``.
+    The restored process gets the dumped pid (CRIU 4.1.1 restores pids) and, since
+    ``-d`` detaches it, becomes a child of the nearest subreaper: call this inside
+    ``subreaper()`` and end the process with ``kill_restored``.
     """
+    criu = criu_binary()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    restore_log = workdir / "restore.log"
+    pidfile = workdir / "restore.pid"
+    pidfile.unlink(missing_ok=True)
+
+    command = [criu, "restore", "-D", str(images_dir or checkpoint.images_dir), "--shell-job",
+               "-d", "--pidfile", str(pidfile), "-v4", "-o", str(restore_log)]
+    for ns_type, path in join_ns:
+        command += ["--join-ns", f"{ns_type}:{path}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=CRIU_TIMEOUT)
+    if result.returncode != 0:
+        raise RestoreError(
+            f"criu restore of {checkpoint.images_dir} failed with status {result.returncode}; "
+            f"last lines of {restore_log}:\n{tail(restore_log)}", restore_log)
+    return int(pidfile.read_text())
+
+
+PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@contextlib.contextmanager
+def subreaper():
+    """Make this process the subreaper of orphans created inside the block.
+
+    ``criu restore -d`` leaves the restored process orphaned. Without a subreaper it
+    goes to pid 1, which may not reap it, so a test could neither wait for it nor
+    leave no zombie behind.
+    """
+    previous = ctypes.c_int()
+    if _libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(previous), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_GET_CHILD_SUBREAPER) failed")
+    if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+    try:
+        yield
+    finally:
+        _libc.prctl(PR_SET_CHILD_SUBREAPER, previous.value, 0, 0, 0)
+
+
+def kill_restored(pid):
+    """SIGKILL and reap ``pid`` if it is a child of this process (a restored process).
+
+    A pid whose parent is another process was never restored here, or was reused
+    after the restored process ended, so it is left alone.
+    """
+    if parent_pid(pid) != os.getpid():
+        return
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not process_alive(pid):
-            return
-        time.sleep(0.01)
-    raise CheckpointSetupError(f"pid {pid} still runs {timeout} s after SIGKILL")
+        pass
+    os.waitpid(pid, 0)
 
 
-def process_alive(pid):
+def parent_pid(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
+            return int(f.read().rsplit(")", 1)[1].split()[1])
     except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
+        return None
+
+
+@contextlib.contextmanager
+def built_namespaces(builder, images_dir, pin_dir, timeout=60.0):
+    """Build IPC and UTS namespaces from ``images_dir`` with cerman's builder.
+
+    Yields (ipc pin, uts pin), pinned under ``pin_dir``, which becomes a private
+    mount. Unpins both and releases the mount afterwards, also when a build fails.
+    """
+    pin_dir = Path(pin_dir)
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    pins = {ns_type: pin_dir / ns_type for ns_type in ("ipc", "uts")}
+    namespaces.make_private_mount(pin_dir)
+    try:
+        for ns_type, pin in pins.items():
+            response = builder.call({"op": "build", "type": ns_type, "images_dir": str(images_dir),
+                                     "pin": str(pin)}, timeout)
+            if not response.get("ok"):
+                raise BuildFailed(
+                    f"building the {ns_type} namespace of {images_dir} failed: {response['error']}")
+        yield pins["ipc"], pins["uts"]
+    finally:
+        for pin in pins.values():
+            if os.path.lexists(pin):
+                namespaces.unpin(pin)
+        namespaces.release_private_mount(pin_dir)

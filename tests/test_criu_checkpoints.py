@@ -2,16 +2,21 @@
 
 Each scenario is dumped once per module with real CRIU. The tests check that the images
 exist and that ``expected`` (the snapshot of the live process) contains what the
-scenario creates, so a builder test that compares against it can fail.
+scenario creates, so that comparing against it can fail. Then cerman's builder
+(``workers.builder``) must build IPC and UTS namespaces that snapshot exactly as
+``expected``.
 """
 
 import pytest
 
-from criu_checkpoints import SCENARIOS, make_ipc_checkpoint
+from criu_checkpoints import (SCENARIOS, built_namespaces, make_ipc_checkpoint,
+                              snapshot_pinned)
+from workers.builder_client import BuilderProcess
 
 pytestmark = pytest.mark.criu
 
-SEQUENCE_STEP = 32768  # SysV id = sequence number * 32768 + index (Linux ipc/util.h)
+# A SysV id on Linux 6.x is sequence number * 32768 + index.
+SEQUENCE_STEP = 32768
 KINDS = (("shm", "shmid"), ("msg", "msqid"), ("sem", "semid"))
 
 
@@ -33,6 +38,16 @@ def checkpoint(request, dumped):
     return dumped(request.param)
 
 
+@pytest.fixture(scope="module")
+def builder():
+    process = BuilderProcess()
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
 def image_names(checkpoint):
     return {path.name for path in checkpoint.images_dir.iterdir()}
 
@@ -49,6 +64,12 @@ def test_images_present(checkpoint):
 
 def test_expected_hostname(checkpoint):
     assert checkpoint.expected["hostname"] == checkpoint.scenario
+
+
+def test_built_namespaces_match_expected(checkpoint, builder, tmp_path):
+    with built_namespaces(builder, checkpoint.images_dir, tmp_path / "ns") as (ipc_pin, uts_pin):
+        snapshot = snapshot_pinned(ipc_pin, uts_pin)
+    assert snapshot == checkpoint.expected
 
 
 def test_sparse_ids_sequence_above_zero(dumped):
