@@ -422,7 +422,7 @@ def replace_directory(new, final):
         os.rename(new, final)
         shutil.rmtree(old)
         return
-    shutil.rmtree(new)  # holds the old tree after the exchange
+    shutil.rmtree(new)  # contains the old tree after the exchange
 
 
 def remove_directory(final):
