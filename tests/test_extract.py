@@ -280,7 +280,7 @@ def test_atomic_failure_leaves_no_staging(tmp_path):
 
 @pytest.fixture
 def stacked_layers(tmp_path):
-    """Return (top, base): base holds etc/ and opq/ files, top deletes some of them."""
+    """Return (top, base): base contains etc/ and opq/ files, top deletes some of them."""
     base, top = tmp_path / "base", tmp_path / "top"
     base.mkdir()
     top.mkdir()
@@ -395,3 +395,19 @@ def test_extract_matches_gnu_tar(tmp_path):
     subprocess.run(["tar", "-xf", str(PODMAN_ARCHIVE), "-I", "zstd -d", "-C",
                     str(reference)], check=True)
     assert listing(ours) == listing(reference)
+
+
+def test_xattr_kept(sandbox, tmp_path):
+    target, _ = sandbox
+    info, data = file_entry("f", b"x")
+    info.pax_headers = {"SCHILY.xattr.user.cerman": "value \udcff"}
+    extract_tar(write_tar(tmp_path / "a.tar", [(info, data)]), target)
+    assert os.getxattr(target / "f", "user.cerman") == b"value \xff"
+
+
+def test_xattr_overlay_skipped(sandbox, tmp_path):
+    target, _ = sandbox
+    info, _ = dir_entry("d")
+    info.pax_headers = {"SCHILY.xattr.trusted.overlay.opaque": "y"}
+    extract_tar(write_tar(tmp_path / "a.tar", [(info, None)]), target)
+    assert OPAQUE_XATTR not in os.listxattr(target / "d")

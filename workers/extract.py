@@ -279,12 +279,14 @@ class _Extractor:
             return
         if is_dir:
             shutil.rmtree(path)
+            self.forget(relative)
         else:
             os.unlink(path)
-        self.forget(relative)
+            self.extracted.discard(relative)
 
     def forget(self, relative):
-        """Drop what is known about ``relative`` and below, after it was removed."""
+        """Drop what is known about the directory ``relative`` and below, after it was
+        removed."""
         def under(known):
             return known == relative or relative in known.parents
 
