@@ -119,8 +119,8 @@ class UtsNamespaceImage:
 class MountEntry:
     """``mnt_entry`` from ``mountpoints-<id>.img``: one mount of a mount namespace.
 
-    ``mountpoint`` is relative to the namespace root as CRIU stores it (for example
-    "./dev/shm"); ``root`` is the path inside the mounted filesystem; ``ext_key`` is
+    ``mountpoint`` is the path from the namespace root as CRIU 4.1.1 stores it (for
+    example "/dev/shm"); ``root`` is the path inside the mounted filesystem; ``ext_key`` is
     set for external (bind) mounts whose source the restoring side provides.
     """
 
