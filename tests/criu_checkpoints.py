@@ -227,6 +227,9 @@ def restore(checkpoint, workdir, join_ns=(), images_dir=None):
         command += ["--join-ns", f"{ns_type}:{path}"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=CRIU_TIMEOUT)
     if result.returncode != 0:
+        # A task that CRIU forked before failing may be left to this subreaper, and
+        # it occupies the dumped pid that the next restore needs.
+        kill_restored(checkpoint.pid)
         raise RestoreError(
             f"criu restore of {checkpoint.images_dir} failed with status {result.returncode}; "
             f"last lines of {restore_log}:\n{tail(restore_log)}", restore_log)
