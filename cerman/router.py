@@ -30,6 +30,7 @@ HEARTBEAT_EXPIRY = 3.0
 REQUEST_DEADLINES = {"get": 20.0, "checkpoint-get": 20.0}
 REQUEST_DEADLINE_DEFAULT = 10.0
 STATUS_FANOUT_DEADLINE = 2.0
+RECONCILE_RETRY_DELAY = 5.0
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Router:
         self.config_errors = {}
         self.config_digests = {}
         self.running = True
+        self.reconcile_at = None
         self._request_ids = itertools.count(1)
 
     # -- set-up ---------------------------------------------------------------
@@ -100,34 +102,55 @@ class Router:
         """Re-read the config directory and add, remove or restart worker watchers."""
         scan = scan_config_dir(self.paths.config_dir)
         digests = {name: _file_digest(config.file) for name, config in scan.configs.items()}
-        for file, message in scan.errors.items():
+        for message in scan.errors.values():
             log.warning("invalid checkpoint config %s", message)
-
-        result = {"added": [], "removed": [], "restarted": [], "unchanged": [],
-                  "config_errors": _error_list(scan.errors)}
-        if self.watchers is not None:
-            existing = self.watchers.worker_watchers()
-            for name in sorted(set(scan.configs) - existing):
-                self.watchers.add(name)
-                result["added"].append(name)
-            for name in sorted(existing - set(scan.configs)):
-                self.watchers.remove(name)
-                self.workers.pop(name, None)
-                result["removed"].append(name)
-            for name in sorted(set(scan.configs) & existing):
-                known = self.config_digests.get(name)
-                if known is not None and known != digests[name]:
-                    self.watchers.restart(name)
-                    result["restarted"].append(name)
-                else:
-                    result["unchanged"].append(name)
+        changed = {name for name in scan.configs
+                   if self.config_digests.get(name) not in (None, digests[name])}
 
         self.configs = scan.configs
         self.config_errors = scan.errors
         self.config_digests = digests
         log.info("config reloaded from %s: %d checkpoints, %d invalid files",
                  self.paths.config_dir, len(scan.configs), len(scan.errors))
+        result = self.reconcile(changed)
+        result["config_errors"] = _error_list(scan.errors)
         return result
+
+    def reconcile(self, restart=()):
+        """Make the worker watchers match the configs; a failed step is retried later."""
+        result = {"added": [], "removed": [], "restarted": [], "unchanged": [], "errors": []}
+        if self.watchers is None:
+            return result
+        self.reconcile_at = None
+        try:
+            existing = self.watchers.worker_watchers()
+        except CircusError as error:
+            self._reconcile_failed(result, error)
+            return result
+
+        steps = [(name, "added", self.watchers.add) for name in sorted(set(self.configs) - existing)]
+        steps += [(name, "removed", self.watchers.remove)
+                  for name in sorted(existing - set(self.configs))]
+        steps += [(name, "restarted", self.watchers.restart)
+                  for name in sorted(set(restart) & existing)]
+        for name, outcome, step in steps:
+            try:
+                step(name)
+            except CircusError as error:
+                self._reconcile_failed(result, error)
+                continue
+            result[outcome].append(name)
+            if outcome == "removed":
+                self.workers.pop(name, None)
+        done = set(result["added"]) | set(result["restarted"])
+        result["unchanged"] = sorted((set(self.configs) & existing) - done)
+        return result
+
+    def _reconcile_failed(self, result, error):
+        log.error("reconciling worker watchers failed (retry in %.0f s): %s",
+                  RECONCILE_RETRY_DELAY, error)
+        result["errors"].append(str(error))
+        self.reconcile_at = time.monotonic() + RECONCILE_RETRY_DELAY
 
     # -- main loop --------------------------------------------------------------
 
@@ -141,7 +164,10 @@ class Router:
                 self._drain(self.backend, self._on_worker_message)
             if self.frontend in events:
                 self._drain(self.frontend, self._on_client_message)
-            self._expire(time.monotonic())
+            now = time.monotonic()
+            self._expire(now)
+            if self.reconcile_at is not None and now >= self.reconcile_at:
+                self.reconcile()
         log.info("router stopping")
 
     def _drain(self, socket, handler):
@@ -179,10 +205,12 @@ class Router:
         self.pending[request_id] = Pending(envelope, deadline, checkpoint, op, {checkpoint})
 
     def _reload_result(self):
-        try:
-            return self.reload()
-        except CircusError as error:
-            raise RequestError(f"reload failed: {error}") from error
+        result = self.reload()
+        if result["errors"]:
+            raise RequestError("reload read the configs but could not update every worker "
+                               f"watcher: {'; '.join(result['errors'])}; retrying in "
+                               f"{RECONCILE_RETRY_DELAY:g} s")
+        return result
 
     def _require_configured(self, checkpoint):
         if checkpoint in self.configs:
@@ -334,11 +362,7 @@ def run():
 
     router.bind()
     try:
-        try:
-            router.reload()
-        except CircusError as error:
-            # Serving requests matters more than reconciling now: reload retries it.
-            log.error("initial reload failed: %s", error)
+        router.reload()
         router.run()
     finally:
         router.close()

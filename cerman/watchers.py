@@ -73,7 +73,6 @@ class WatcherControl:
     def add(self, checkpoint):
         options = {
             "copy_env": True,
-            "copy_path": True,
             "env": self.paths.as_env(),
             "stop_signal": 15,
             # Releasing a few thousand pinned namespaces takes seconds, not minutes.

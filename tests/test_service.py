@@ -1,0 +1,232 @@
+"""cerman end to end: circusd, router, workers and `cerman ctl` on real CRIU images."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from cerman.client import RemoteError
+from criu_checkpoints import make_ipc_checkpoint
+from service import IPC_UTS_IMAGES, FIXTURES, mounts_under, snapshot_namespaces
+
+EXPECTED = json.loads((FIXTURES / "criu-ipc-uts" / "expected.json").read_text())
+
+
+def ctl(service, *args):
+    """Run `cerman ctl --json ...` as a user would; return (exit code, JSON or stderr)."""
+    result = subprocess.run(["cerman", "ctl", "--socket", f"ipc://{service.run_dir}/cerman.sock",
+                             "--timeout", "30", *args, "--json"],
+                            capture_output=True, text=True, timeout=60)
+    if result.returncode == 0:
+        return 0, json.loads(result.stdout)
+    return result.returncode, result.stderr
+
+
+def test_lease_matches_checkpoint(cerman):
+    cerman.write_config("fixture")
+    cerman.start()
+    cerman.wait_pools_full("fixture")
+
+    code, ipc = ctl(cerman, "get", "fixture", "--type", "ipc")
+    assert code == 0, ipc
+    code, uts = ctl(cerman, "get", "fixture", "--type", "uts")
+    assert code == 0, uts
+
+    assert ipc["checkpoint"] == "fixture"
+    assert ipc["type"] == "ipc"
+    assert snapshot_namespaces(ipc["path"], uts["path"]) == EXPECTED
+
+    assert ctl(cerman, "put", ipc["lease"])[0] == 0
+    assert ctl(cerman, "put", uts["lease"])[0] == 0
+    assert not os.path.exists(ipc["path"])
+
+
+def test_status_counts(cerman):
+    cerman.write_config("fixture", pools={"ipc": 3, "uts": 1})
+    cerman.start()
+    cerman.wait_pools_full("fixture")
+    lease = cerman.client.get("fixture", "ipc")
+
+    code, status = ctl(cerman, "status", "fixture")
+    assert code == 0
+    assert status["state"] == "ready"
+    assert status["pid"] > 0
+    assert status["pools"]["ipc"]["leased"] == 1
+    assert status["pools"]["ipc"]["capacity"] == 3
+    cerman.client.put(lease["lease"])
+
+
+def test_several_checkpoints(cerman, tmp_path):
+    checkpoints = {"fixture": (IPC_UTS_IMAGES, EXPECTED)}
+    for scenario in ("sparse-ids", "many"):
+        made = make_ipc_checkpoint(tmp_path / scenario, scenario)
+        checkpoints[scenario] = (made.images_dir, made.expected)
+    for name, (images, _) in checkpoints.items():
+        cerman.write_config(name, images=images)
+    cerman.start()
+
+    for name, (_, expected) in checkpoints.items():
+        cerman.wait_pools_full(name)
+        ipc = cerman.client.get(name, "ipc")
+        uts = cerman.client.get(name, "uts")
+        assert snapshot_namespaces(ipc["path"], uts["path"]) == expected, name
+        cerman.client.put(ipc["lease"])
+        cerman.client.put(uts["lease"])
+
+
+def test_worker_kill_keeps_leases(cerman):
+    cerman.write_config("fixture")
+    cerman.start()
+    cerman.wait_pools_full("fixture")
+    old_pid = cerman.worker_pid("fixture")
+    ipc = cerman.client.get("fixture", "ipc")
+    uts = cerman.client.get("fixture", "uts")
+
+    os.kill(old_pid, signal.SIGKILL)
+    cerman.wait(lambda: cerman.worker_pid("fixture") != old_pid, timeout=30,
+                what="worker restarted by circus")
+
+    assert snapshot_namespaces(ipc["path"], uts["path"]) == EXPECTED
+    status = cerman.wait_pools_full("fixture")
+    assert status["pools"]["ipc"]["leased"] == 1
+    again = cerman.client.get("fixture", "ipc")
+    assert again["lease"] != ipc["lease"]
+    assert again["path"] != ipc["path"]
+    cerman.client.put(ipc["lease"])
+    cerman.client.put(uts["lease"])
+    cerman.client.put(again["lease"])
+    with pytest.raises(RemoteError, match="not held"):
+        cerman.client.put(ipc["lease"])
+
+
+def test_quit_leaves_no_mounts(cerman):
+    cerman.write_config("fixture")
+    cerman.start()
+    cerman.wait_pools_full("fixture")
+    cerman.client.get("fixture", "ipc")
+    assert mounts_under(cerman.base)
+
+    cerman.stop()
+    assert mounts_under(cerman.base) == []
+
+
+def test_invalid_config_reported(cerman):
+    cerman.write_config("fixture")
+    (cerman.config_dir / "broken.yaml").write_text("name: broken\nsource: {type: zip}\n")
+    cerman.start()
+    cerman.wait_pools_full("fixture")
+
+    code, status = ctl(cerman, "status")
+    assert code == 0
+    errors = status["config_errors"]
+    assert [error["file"] for error in errors] == [str(cerman.config_dir / "broken.yaml")]
+    assert "source.type" in errors[0]["message"]
+    assert cerman.client.get("fixture", "ipc")["path"]
+
+
+def test_broken_checkpoint_isolated(cerman, tmp_path):
+    broken = tmp_path / "broken-images"
+    shutil.copytree(IPC_UTS_IMAGES, broken)
+    shm_image = broken / "ipcns-shm-9.img"
+    shm_image.write_bytes(shm_image.read_bytes()[:-7])
+    cerman.write_config("broken", images=broken)
+    cerman.write_config("fixture")
+    cerman.start()
+    cerman.wait_pools_full("fixture")
+
+    status = cerman.wait(lambda: (s := cerman.client.status("broken"))["state"] == "ready" and s,
+                         what="broken checkpoint prepared")
+    assert "ipcns-shm-9.img" in status["pools"]["ipc"]["disabled"]
+    with pytest.raises(RemoteError, match="ipcns-shm-9.img"):
+        cerman.client.get("broken", "ipc")
+    assert cerman.client.get("broken", "uts")["path"]
+    ipc = cerman.client.get("fixture", "ipc")
+    assert snapshot_namespaces(ipc["path"]) ["shm"] == EXPECTED["shm"]
+
+
+def test_reload_follows_config_dir(cerman):
+    cerman.write_config("first")
+    cerman.start()
+    cerman.wait_pools_full("first")
+    first_pins = cerman.run_dir / "ns" / "first"
+
+    cerman.write_config("second")
+    (cerman.config_dir / "first.yaml").unlink()
+    code, result = ctl(cerman, "reload")
+    assert code == 0
+    assert result["added"] == ["second"]
+    assert result["removed"] == ["first"]
+
+    cerman.wait_pools_full("second")
+    cerman.wait(lambda: not mounts_under(first_pins), what="pins of the removed checkpoint released")
+    code, message = ctl(cerman, "get", "first", "--type", "ipc")
+    assert code != 0
+    assert "not configured" in message
+
+
+def test_missing_worker_answers_error(cerman):
+    cerman.write_config("fixture")
+    cerman.start()
+    cerman.wait_pools_full("fixture")
+    assert cerman.circusctl("stop", "cerman-worker-fixture").returncode == 0
+    time.sleep(3.5)
+
+    started = time.monotonic()
+    with pytest.raises(RemoteError) as caught:
+        cerman.client.get("fixture", "ipc")
+    assert caught.value.code == "worker-unavailable"
+    assert time.monotonic() - started < 5
+
+
+def test_unknown_checkpoint_error(cerman):
+    cerman.start()
+    code, message = ctl(cerman, "get", "nope", "--type", "uts")
+    assert code == 1
+    assert "'nope' is not configured" in message
+
+
+def test_update_resizes_pool(cerman):
+    cerman.write_config("fixture", pools={"ipc": 1, "uts": 1})
+    cerman.start()
+    cerman.wait_pools_full("fixture")
+
+    code, result = ctl(cerman, "update", "fixture", "--type", "ipc", "--capacity", "4")
+    assert code == 0
+    assert result["pools"]["ipc"]["capacity"] == 4
+    status = cerman.wait_pools_full("fixture", types=("ipc",))
+    assert status["pools"]["ipc"]["free"] == 4
+
+    ctl(cerman, "update", "fixture", "--type", "ipc", "--capacity", "0")
+    status = cerman.client.status("fixture")
+    assert status["pools"]["ipc"]["free"] == 0
+    assert len(list((cerman.run_dir / "ns" / "fixture" / "ipc").iterdir())) == 0
+
+
+def test_get_waits_for_build(cerman):
+    cerman.write_config("fixture", pools={"ipc": 1})
+    cerman.start()
+    cerman.wait_pools_full("fixture", types=("ipc",))
+    leases = [cerman.client.get("fixture", "ipc") for _ in range(3)]
+    assert len({lease["path"] for lease in leases}) == 3
+    for lease in leases:
+        cerman.client.put(lease["lease"])
+
+
+def test_checkpoint_get_put(cerman):
+    cerman.write_config("fixture")
+    cerman.start()
+    cerman.wait_pools_full("fixture")
+
+    code, result = ctl(cerman, "checkpoint", "get", "fixture")
+    assert code == 0
+    assert result["refs"] == 1
+    assert (result["path"] and os.path.exists(os.path.join(result["path"], "inventory.img")))
+    code, result = ctl(cerman, "checkpoint", "put", "fixture")
+    assert result["refs"] == 0
+    code, message = ctl(cerman, "checkpoint", "put", "fixture")
+    assert code == 1
+    assert "no references" in message
