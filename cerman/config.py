@@ -13,7 +13,8 @@ Example::
       uts: 8
       mnt: 4
 
-A missing pool type means no pool of that type.
+A missing pool type means no pool of that type. Relative paths are taken from the
+directory of the config file. ``source.address`` (containerd's socket) must be absolute.
 """
 
 import re
@@ -79,6 +80,12 @@ def _string(path, key, value):
 
 
 def _absolute_path(path, key, value):
+    """Return ``value`` as an absolute path; a relative one is taken from the file's directory."""
+    text = _string(path, key, value)
+    return (Path(path).absolute().parent / text) if not text.startswith("/") else Path(text)
+
+
+def _socket_path(path, key, value):
     text = _string(path, key, value)
     if not text.startswith("/"):
         raise ConfigError(path, key, f"expected an absolute path, got {text!r}")
@@ -108,8 +115,8 @@ def _parse_source(path, raw):
             image=_string(path, "source.image", source["image"]),
             namespace=_string(path, "source.namespace",
                               source.get("namespace", CONTAINERD_NAMESPACE_DEFAULT)),
-            address=_absolute_path(path, "source.address",
-                                   source.get("address", CONTAINERD_ADDRESS_DEFAULT)),
+            address=_socket_path(path, "source.address",
+                                 source.get("address", CONTAINERD_ADDRESS_DEFAULT)),
         )
 
     _reject_unknown(path, "source.", source, ("type", "path"))

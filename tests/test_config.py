@@ -33,7 +33,7 @@ def test_config_containerd_defaults(tmp_path):
     ("source: {type: directory, path: /a}\n", "name"),
     ("name: 'bad name'\nsource: {type: directory, path: /a}\n", "name"),
     ("name: a\nsource: {type: zip, path: /a}\n", "source.type"),
-    ("name: a\nsource: {type: directory, path: relative}\n", "source.path"),
+    ("name: a\nsource: {type: containerd, image: c, address: relative.sock}\n", "source.address"),
     ("name: a\nsource: {type: directory}\n", "source.path"),
     ("name: a\nsource: {type: containerd}\n", "source.image"),
     ("name: a\nsource: {type: directory, path: /a}\npools: {ipc: -1}\n", "pools.ipc"),
@@ -69,3 +69,8 @@ def test_scan_duplicate_name_ignoring_case(tmp_path):
     scan = scan_config_dir(tmp_path)
     assert list(scan.configs) == ["Fn"]
     assert "already used" in scan.errors[str(tmp_path / "b.yaml")]
+
+
+def test_config_relative_path_from_file(tmp_path):
+    path = write(tmp_path, "r.yaml", "name: r\nsource: {type: directory, path: ../images}\n")
+    assert load_config(path).source.path == tmp_path / "../images"
