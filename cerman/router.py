@@ -1,6 +1,6 @@
 """The router: the one socket clients talk to.
 
-It forwards each request to the worker of the checkpoint it names, answers with an
+It forwards each request to the worker of the checkpoint it names, replies with an
 error (never a hang) when that worker is missing, starting or slow, and keeps circus'
 worker watchers in line with the config directory (at start and on ``reload``).
 """
@@ -12,13 +12,14 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import zmq
 
 from cerman import paths as cerman_paths
 from cerman import protocol
 from cerman.config import scan_config_dir
-from cerman.errors import CermanError, RequestError, WorkerUnavailable
+from cerman.errors import CermanError, ConfigError, RequestError, WorkerUnavailable
 from cerman.watchers import CircusError, WatcherControl, watcher_name
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,10 @@ class Router:
             return
 
         self._require_configured(checkpoint)
+        if op == "status" and not self._worker_alive(checkpoint):
+            # Status of a worker that is down still has an answer: what the router knows.
+            self._reply(envelope, protocol.ok(self._merge_status({})["checkpoints"][checkpoint]))
+            return
         request_id = self._forward(checkpoint, request)
         deadline = time.monotonic() + REQUEST_DEADLINES.get(op, REQUEST_DEADLINE_DEFAULT)
         self.pending[request_id] = Pending(envelope, deadline, checkpoint, op, {checkpoint})
@@ -212,17 +217,24 @@ class Router:
                                f"{RECONCILE_RETRY_DELAY:g} s")
         return result
 
+    def _worker_alive(self, checkpoint):
+        worker = self.workers.get(checkpoint)
+        return worker is not None and worker.alive(time.monotonic())
+
     def _require_configured(self, checkpoint):
         if checkpoint in self.configs:
             return
+        for file, message in self.config_errors.items():
+            if Path(file).stem == checkpoint:
+                raise ConfigError(file, "", f"is invalid, so checkpoint {checkpoint!r} has no "
+                                  f"worker: {message}")
         raise RequestError(
             f"checkpoint {checkpoint!r} is not configured in {self.paths.config_dir}; "
             "add a config file for it and run 'cerman ctl reload'")
 
     def _forward(self, checkpoint, request):
         """Send ``request`` to the checkpoint's worker; return the request id."""
-        worker = self.workers.get(checkpoint)
-        if worker is None or not worker.alive(time.monotonic()):
+        if not self._worker_alive(checkpoint):
             raise WorkerUnavailable(
                 f"worker of checkpoint {checkpoint!r} is not running (starting or restarting; "
                 f"circus watcher {watcher_name(checkpoint)}); retry in a few seconds")
@@ -330,6 +342,10 @@ class Router:
                 entry = {"state": "starting", "pid": None, "pools": {},
                          "error": None if worker is None else "worker stopped sending heartbeats"}
             entry["watcher"] = watcher_states.get(name, "unknown")
+            if entry["watcher"] == "stopped" and entry["state"] == "starting":
+                entry["state"] = "stopped"
+                entry["error"] = (f"circus watcher {watcher_name(name)} is stopped; start it "
+                                  f"with 'circusctl start {watcher_name(name)}'")
             checkpoints[name] = entry
         return {"checkpoints": checkpoints, "config_dir": str(self.paths.config_dir),
                 "config_errors": _error_list(self.config_errors)}
@@ -348,7 +364,7 @@ def _file_digest(path):
 
 def run():
     """Entry point of the cerman-router watcher; returns the exit code."""
-    logging.basicConfig(level=os.environ.get("CERMAN_LOG_LEVEL", "INFO"),
+    logging.basicConfig(force=True, level=os.environ.get("CERMAN_LOG_LEVEL", "INFO"),
                         format="%(asctime)s router[%(process)d] %(levelname)s %(name)s: %(message)s")
     paths = cerman_paths.resolve()
     watchers = WatcherControl(paths.circus_endpoint, paths)

@@ -230,3 +230,42 @@ def test_checkpoint_get_put(cerman):
     code, message = ctl(cerman, "checkpoint", "put", "fixture")
     assert code == 1
     assert "no references" in message
+
+
+def test_rmid_forced_pool_refused(cerman, tmp_path):
+    from nshelpers import set_ipc_var_field
+
+    images = tmp_path / "rmid-forced"
+    shutil.copytree(IPC_UTS_IMAGES, images)
+    set_ipc_var_field(images, 9, 1)  # ipc_var_entry.shm_rmid_forced
+    cerman.write_config("forced", images=images)
+    cerman.start()
+    cerman.wait_pools_full("forced", types=("uts",))
+
+    status = cerman.client.status("forced")
+    assert "shm_rmid_forced" in status["pools"]["ipc"]["disabled"]
+    assert status["pools"]["ipc"]["free"] == 0
+    with pytest.raises(RemoteError, match="shm_rmid_forced"):
+        cerman.client.get("forced", "ipc")
+
+
+def test_status_of_stopped_worker(cerman):
+    cerman.write_config("fixture")
+    cerman.start()
+    cerman.wait_pools_full("fixture")
+    assert cerman.circusctl("stop", "cerman-worker-fixture").returncode == 0
+    time.sleep(3.5)
+
+    status = cerman.client.status("fixture")
+    assert status["watcher"] == "stopped"
+    assert status["state"] == "stopped"
+    assert "circusctl start" in status["error"]
+
+
+def test_invalid_config_named_on_get(cerman):
+    (cerman.config_dir / "broken.yaml").write_text("name: broken\nsource: {type: zip}\n")
+    cerman.start()
+    code, message = ctl(cerman, "get", "broken", "--type", "ipc")
+    assert code == 1
+    assert "broken.yaml" in message
+    assert "source.type" in message

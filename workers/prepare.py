@@ -67,7 +67,7 @@ def pool_availability(config, prepared):
 
 
 def main(argv):
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    logging.basicConfig(force=True, level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s prepare[%(process)d] %(levelname)s %(name)s: %(message)s")
     name = argv[1]
     paths = cerman_paths.resolve()

@@ -448,7 +448,7 @@ class Worker:
 
 def run(name):
     """Entry point of the cerman-worker-NAME watcher; returns the exit code."""
-    logging.basicConfig(level=os.environ.get("CERMAN_LOG_LEVEL", "INFO"),
+    logging.basicConfig(force=True, level=os.environ.get("CERMAN_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s worker {name}[%(process)d] %(levelname)s "
                                "%(name)s: %(message)s")
     worker = Worker(name, cerman_paths.resolve())
