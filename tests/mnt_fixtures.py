@@ -219,14 +219,13 @@ PODMAN_USERDATA = ("containers/storage/overlay-containers/"
 PODMAN_HOSTNAME = "6a6e0bee19f8"
 
 
-def provide_podman_run_files(run_dir):
-    """Create podman's run files under ``run_dir`` and bind it over ``/run``.
+def write_podman_userdata(userdata):
+    """Create podman's per-container run files in the directory ``userdata``.
 
-    Call in a namespace child only: the bind hides the host's /run there. The
-    hostname file has the container's content; hosts and resolv.conf get stand-in
+    The hostname file has the container's content; hosts and resolv.conf get stand-in
     contents, because the export does not carry podman's.
     """
-    userdata = Path(run_dir, PODMAN_USERDATA)
+    userdata = Path(userdata)
     userdata.mkdir(parents=True)
     (userdata / "hostname").write_text(PODMAN_HOSTNAME)
     (userdata / "hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {PODMAN_HOSTNAME}\n")
@@ -234,4 +233,12 @@ def provide_podman_run_files(run_dir):
     (userdata / ".containerenv").write_text("")
     for path in userdata.iterdir():
         path.chmod(0o644)
+
+
+def provide_podman_run_files(run_dir):
+    """Create podman's run files under ``run_dir`` and bind it over ``/run``.
+
+    Call in a namespace child only: the bind hides the host's /run there.
+    """
+    write_podman_userdata(Path(run_dir, PODMAN_USERDATA))
     namespaces.mount(run_dir, "/run", None, namespaces.MS_BIND)

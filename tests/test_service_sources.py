@@ -138,7 +138,7 @@ def unpack_base_image(work_dir):
 @pytest.fixture
 def podman_run_files():
     """podman's per-container run files, which spec.dump names as bind sources."""
-    from mnt_fixtures import PODMAN_HOSTNAME, PODMAN_USERDATA
+    from mnt_fixtures import PODMAN_USERDATA, write_podman_userdata
 
     userdata = Path("/run", PODMAN_USERDATA)
     if userdata.exists():
@@ -146,13 +146,7 @@ def podman_run_files():
     created = userdata
     while not created.parent.exists():
         created = created.parent
-    userdata.mkdir(parents=True)
-    (userdata / "hostname").write_text(PODMAN_HOSTNAME)
-    (userdata / "hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {PODMAN_HOSTNAME}\n")
-    (userdata / "resolv.conf").write_text("nameserver 127.0.0.53\n")
-    (userdata / ".containerenv").write_text("")
-    for path in userdata.iterdir():
-        path.chmod(0o644)
+    write_podman_userdata(userdata)
     try:
         yield userdata
     finally:
