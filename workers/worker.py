@@ -115,7 +115,15 @@ class Worker:
 
         self.prepared = PreparedCheckpoint.from_dict(result["prepared"])
         self.generation = result["generation"]
-        self._load_pools(result["pools"])
+        try:
+            self._load_pools(result["pools"])
+        except CermanError as error:
+            # The config file changed or broke since the router started this worker.
+            self.state = "failed"
+            self.error = str(error)
+            self.prepare_retry_at = time.monotonic() + PREPARE_RETRY_DELAY
+            log.error("checkpoint %r: cannot load pools: %s", self.name, error)
+            return
         self._adopt()
         self.state = "ready"
         self.error = None
