@@ -209,3 +209,33 @@ def test_quit_removes_bundles_and_mounts(cerman, containerd, hostdata):
     cerman.stop()
     assert mounts_under(cerman.base) == []
     assert list((cerman.state_dir / "bundles" / "ck").iterdir()) == []
+
+
+def hostile_archive(path, escape_name):
+    """Write a checkpoint archive whose second entry points outside the target."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as archive:
+        for name, data in (("checkpoint/inventory.img", b"x"), (escape_name, b"escaped\n")):
+            entry = tarfile.TarInfo(name)
+            entry.size = len(data)
+            archive.addfile(entry, io.BytesIO(data))
+    return path
+
+
+def test_hostile_archive_rejected(cerman, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    archive = hostile_archive(tmp_path / "hostile.tar", f"../../../../../../..{outside}/escaped")
+    cerman.write_config("hostile", pools={"ipc": 1}, source={"type": "archive", "path": str(archive)})
+    cerman.write_config("fixture")
+    cerman.start()
+
+    status = cerman.wait(lambda: (s := cerman.client.status("hostile"))["state"] == "failed" and s,
+                         what="hostile archive rejected")
+    assert ".." in status["error"]
+    assert str(archive) in status["error"]
+    assert list(outside.iterdir()) == []
+    assert not list((cerman.state_dir / "checkpoints").glob("hostile*/**/escaped"))
+    cerman.wait_pools_full("fixture")
