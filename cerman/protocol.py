@@ -18,7 +18,7 @@ Replies: ``{"ok": true, "result": {...}}`` or
 
 Router to worker (ROUTER to DEALER, the worker's identity is its checkpoint name):
 frames ``[request_id, request]``; the worker replies ``[request_id, reply]``.
-Workers also send ``[b"heartbeat", status]`` once a second so the router knows which
+Workers also send ``[b"heartbeat", status]`` once a second so the router tracks which
 workers are up and what they last reported.
 """
 

@@ -22,7 +22,7 @@ RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
 
 
 class CircusError(CermanError):
-    """Raised when circus' control socket does not answer or rejects a command."""
+    """Raised when circus' control socket does not reply or rejects a command."""
 
     code = "circus"
 
@@ -48,8 +48,8 @@ class WatcherControl:
             try:
                 reply = self._client.call(message)
             except CallError as error:
-                raise CircusError(f"circus at {self.endpoint} did not answer '{command}': {error}; "
-                                  "check that circusd is running") from error
+                raise CircusError(f"circus at {self.endpoint} did not reply to '{command}': "
+                                  f"{error}; check that circusd is running") from error
             if reply.get("status") == "ok":
                 return reply
             reason = reply.get("reason", "")

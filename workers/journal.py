@@ -1,6 +1,6 @@
 """The lease journal: what a worker has handed out, kept on disk across crashes.
 
-A worker writes the journal *before* it answers a ``get`` and removes an entry only
+A worker writes the journal *before* it replies to a ``get`` and removes an entry only
 *after* the namespace's pin is gone, so a restarted worker never treats a leased
 namespace as free: every pinned namespace that is not in the journal was never handed
 out. The file is replaced atomically (write, rename). It is not fsynced: the journal

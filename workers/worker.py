@@ -274,7 +274,7 @@ class Worker:
         if pool.capacity == 0 and pool.building == 0:
             raise PoolError(f"checkpoint {self.name!r}: {ns_type} pool has capacity 0; raise it with "
                             f"'cerman ctl update {self.name} --type {ns_type} --capacity N'")
-        # Answer once a build finishes; make sure at least one is under way.
+        # Reply once a build finishes; make sure at least one is under way.
         self.waiters.append((request_id, ns_type, time.monotonic() + GET_WAIT_MAX))
         if pool.building == 0:
             self._submit_build(pool)
