@@ -61,7 +61,10 @@ class CermanService:
 
     @property
     def env(self):
-        return {**os.environ, "CERMAN_CONFIG_DIR": str(self.config_dir),
+        # The router and workers import this checkout, whatever `pip install -e` last
+        # pointed the `cerman` command at.
+        python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        return {**os.environ, "PYTHONPATH": python_path, "CERMAN_CONFIG_DIR": str(self.config_dir),
                 "CERMAN_RUN_DIR": str(self.run_dir), "CERMAN_STATE_DIR": str(self.state_dir)}
 
     def write_config(self, name, images=IPC_UTS_IMAGES, pools=None, file_name=None, **extra):
