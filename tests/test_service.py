@@ -20,7 +20,7 @@ def ctl(service, *args):
     """Run `cerman ctl --json ...` as a user would; return (exit code, JSON or stderr)."""
     result = subprocess.run(["cerman", "ctl", "--socket", f"ipc://{service.run_dir}/cerman.sock",
                              "--timeout", "30", *args, "--json"],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, env=service.env)
     if result.returncode == 0:
         return 0, json.loads(result.stdout)
     return result.returncode, result.stderr
