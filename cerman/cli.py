@@ -1,6 +1,7 @@
 """The ``cerman`` command: ``cerman ctl`` for operators, ``router``/``worker`` for circus."""
 
 import json
+import os
 import sys
 
 import click
@@ -42,6 +43,13 @@ def worker(name):
 def ctl(context, endpoint, timeout):
     """Send a request to a running cerman."""
     endpoint = endpoint or paths.resolve().client_endpoint
+    socket_path = endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else None
+    if socket_path and not os.path.exists(socket_path):
+        run_dir = os.path.dirname(socket_path)
+        raise click.ClickException(
+            f"no cerman router socket at {socket_path}; start cerman with 'circusd circus.ini' "
+            f"(with CERMAN_RUN_DIR={run_dir}), or pass --socket, and check it with "
+            f"'circusctl --endpoint ipc://{run_dir}/circus.sock status'")
     context.obj = Client(endpoint, timeout=timeout)
     context.call_on_close(context.obj.close)
 
@@ -68,8 +76,11 @@ def _call(context, as_json, method, *args, printer=None):
 
 
 def _print_status(result):
+    if "checkpoints" not in result:
+        # The status of one checkpoint.
+        result = {"checkpoints": {result.get("checkpoint", "?"): result}}
     for error in result.get("config_errors", []):
-        click.echo(f"invalid config {error['file']}: {error['message']}")
+        click.echo(f"invalid config: {error['message']}")
     for name, checkpoint in sorted(result.get("checkpoints", {}).items()):
         pid = checkpoint.get("pid") or "-"
         click.echo(f"{name}: {checkpoint.get('state')} (pid {pid})")
@@ -123,7 +134,7 @@ def put(context, lease, as_json):
 @json_option
 @click.pass_context
 def update(context, name, capacity, ns_type, as_json):
-    """Resize the pools of checkpoint NAME (until the next config reload)."""
+    """Resize the pools of checkpoint NAME (until its worker restarts)."""
     _call(context, as_json, "update", name, capacity, ns_type)
 
 

@@ -56,8 +56,9 @@ class Client:
         if not self._socket.poll(int(timeout * 1000), zmq.POLLIN):
             self.close()
             raise RequestError(
-                f"no reply from the router at {self.endpoint} within {timeout:g} s; "
-                "check that circusd is running (circusctl status)")
+                f"no reply from the router at {self.endpoint} within {timeout:g} s; check "
+                "that circusd is running (circusctl --endpoint ipc://$CERMAN_RUN_DIR/circus.sock "
+                "status)")
         reply = protocol.decode(self._socket.recv())
 
         if not reply.get("ok"):

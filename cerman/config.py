@@ -170,6 +170,15 @@ def parse_config(path, data):
                             rootfs_path=rootfs_path, pools=pools)
 
 
+def _yaml_problem(error):
+    """Return a one-line description of a YAML error with its line and column."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return problem
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+
+
 def load_config(path):
     """Read and validate one checkpoint config file."""
     path = Path(path)
@@ -180,7 +189,7 @@ def load_config(path):
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(path, "", f"is not valid YAML: {error}") from error
+        raise ConfigError(path, "", f"is not valid YAML: {_yaml_problem(error)}") from error
     return parse_config(path, data)
 
 
@@ -192,27 +201,34 @@ class ConfigScan:
     errors: dict = field(default_factory=dict)
 
 
-def scan_config_dir(config_dir):
-    """Read every ``*.yaml`` and ``*.yml`` file; one bad file never hides the others."""
+def scan_config_dir(config_dir, keep=()):
+    """Read every ``*.yaml`` and ``*.yml`` file; one bad file never hides the others.
+
+    Names must be unique ignoring case, because circus watcher names are. When files
+    clash, a name in ``keep`` (the checkpoints already running) wins, so a new file
+    cannot take a running checkpoint's name; otherwise the first file in sorted order.
+    """
     scan = ConfigScan()
     config_dir = Path(config_dir)
     if not config_dir.is_dir():
         return scan
 
-    files = sorted(list(config_dir.glob("*.yaml")) + list(config_dir.glob("*.yml")))
-    for file in files:
+    parsed = []
+    for file in sorted(list(config_dir.glob("*.yaml")) + list(config_dir.glob("*.yml"))):
         try:
-            config = load_config(file)
+            parsed.append(load_config(file))
         except ConfigError as error:
             scan.errors[str(file)] = str(error)
-            continue
-        # circus watcher names are case-insensitive, so "Fn" and "fn" would share a worker.
-        clash = next((other for other in scan.configs.values()
-                      if other.name.lower() == config.name.lower()), None)
+
+    winners = {}
+    for config in sorted(parsed, key=lambda config: config.name not in keep):
+        clash = winners.get(config.name.lower())
         if clash is not None:
-            scan.errors[str(file)] = str(ConfigError(
-                file, "name", f"{config.name!r} is already used by {clash.file}; "
+            scan.errors[str(config.file)] = str(ConfigError(
+                config.file, "name", f"{config.name!r} is already used by {clash.file}; "
                 "names must be unique, ignoring case"))
             continue
+        winners[config.name.lower()] = config
+    for config in sorted(winners.values(), key=lambda config: str(config.file)):
         scan.configs[config.name] = config
     return scan

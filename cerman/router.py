@@ -32,6 +32,8 @@ REQUEST_DEADLINES = {"get": 20.0, "checkpoint-get": 20.0}
 REQUEST_DEADLINE_DEFAULT = 10.0
 STATUS_FANOUT_DEADLINE = 2.0
 RECONCILE_RETRY_DELAY = 5.0
+# How long the router remembers a timed-out request, to return a lease issued late.
+LATE_REPLY_MEMORY = 300.0
 
 
 @dataclass
@@ -69,6 +71,7 @@ class Router:
         self.config_digests = {}
         self.running = True
         self.reconcile_at = None
+        self.expired = {}
         self._request_ids = itertools.count(1)
 
     # -- set-up ---------------------------------------------------------------
@@ -100,8 +103,8 @@ class Router:
     # -- config reconciliation --------------------------------------------------
 
     def reload(self):
-        """Re-read the config directory and add, remove or restart worker watchers."""
-        scan = scan_config_dir(self.paths.config_dir)
+        """Re-read the config directory, update the worker watchers, refresh the workers."""
+        scan = scan_config_dir(self.paths.config_dir, keep=set(self.configs))
         digests = {name: _file_digest(config.file) for name, config in scan.configs.items()}
         for message in scan.errors.values():
             log.warning("invalid checkpoint config %s", message)
@@ -115,10 +118,20 @@ class Router:
                  self.paths.config_dir, len(scan.configs), len(scan.errors))
         result = self.reconcile(changed)
         result["config_errors"] = _error_list(scan.errors)
+
+        # Workers whose file did not change re-check their source: a repaired or
+        # re-exported checkpoint is prepared again and its disabled pools re-enabled.
+        for name in result["unchanged"]:
+            if self._worker_alive(name):
+                self._send_internal(name, {"op": "refresh", "checkpoint": name})
         return result
 
     def reconcile(self, restart=()):
-        """Make the worker watchers match the configs; a failed step is retried later."""
+        """Make the worker watchers match the configs; a failed step is retried later.
+
+        circus compares watcher names ignoring case, so watchers are matched by the
+        lowercased checkpoint name, and the name a watcher runs is read from its args.
+        """
         result = {"added": [], "removed": [], "restarted": [], "unchanged": [], "errors": []}
         if self.watchers is None:
             return result
@@ -129,11 +142,20 @@ class Router:
             self._reconcile_failed(result, error)
             return result
 
-        steps = [(name, "added", self.watchers.add) for name in sorted(set(self.configs) - existing)]
-        steps += [(name, "removed", self.watchers.remove)
-                  for name in sorted(existing - set(self.configs))]
-        steps += [(name, "restarted", self.watchers.restart)
-                  for name in sorted(set(restart) & existing)]
+        wanted = {name.lower(): name for name in self.configs}
+        steps = []
+        for key, name in sorted(wanted.items()):
+            if key not in existing:
+                steps.append((name, "added", self.watchers.add))
+            elif existing[key] != name:
+                steps.append((name, "restarted", self.watchers.replace))
+            elif name in restart:
+                steps.append((name, "restarted", self.watchers.restart))
+            else:
+                result["unchanged"].append(name)
+        for key in sorted(set(existing) - set(wanted)):
+            steps.append((existing[key] or key, "removed", self.watchers.remove))
+
         for name, outcome, step in steps:
             try:
                 step(name)
@@ -141,10 +163,8 @@ class Router:
                 self._reconcile_failed(result, error)
                 continue
             result[outcome].append(name)
-            if outcome == "removed":
+            if outcome != "added":
                 self.workers.pop(name, None)
-        done = set(result["added"]) | set(result["restarted"])
-        result["unchanged"] = sorted((set(self.configs) & existing) - done)
         return result
 
     def _reconcile_failed(self, result, error):
@@ -205,9 +225,10 @@ class Router:
             # Status of a worker that is down still has an answer: what the router knows.
             self._reply(envelope, protocol.ok(self._merge_status({})["checkpoints"][checkpoint]))
             return
-        request_id = self._forward(checkpoint, request)
-        deadline = time.monotonic() + REQUEST_DEADLINES.get(op, REQUEST_DEADLINE_DEFAULT)
-        self.pending[request_id] = Pending(envelope, deadline, checkpoint, op, {checkpoint})
+        seconds = REQUEST_DEADLINES.get(op, REQUEST_DEADLINE_DEFAULT)
+        request_id = self._forward(checkpoint, request, seconds)
+        self.pending[request_id] = Pending(envelope, time.monotonic() + seconds, checkpoint, op,
+                                           {checkpoint})
 
     def _reload_result(self):
         result = self.reload()
@@ -232,8 +253,13 @@ class Router:
             f"checkpoint {checkpoint!r} is not configured in {self.paths.config_dir}; "
             "add a config file for it and run 'cerman ctl reload'")
 
-    def _forward(self, checkpoint, request):
-        """Send ``request`` to the checkpoint's worker; return the request id."""
+    def _forward(self, checkpoint, request, seconds=REQUEST_DEADLINE_DEFAULT):
+        """Send ``request`` to the checkpoint's worker; return the request id.
+
+        The request carries its deadline as wall-clock time, so a worker that was
+        stopped or busy drops it instead of acting on it after the client gave up.
+        """
+        request = {**request, "deadline": time.time() + seconds}
         if not self._worker_alive(checkpoint):
             raise WorkerUnavailable(
                 f"worker of checkpoint {checkpoint!r} is not running (starting or restarting; "
@@ -264,7 +290,14 @@ class Router:
 
         pending = self.pending.get(tag)
         if pending is None:
-            log.info("late reply %s from worker %r dropped", tag.decode(), checkpoint)
+            self._on_late_reply(checkpoint, tag, protocol.decode(payload))
+            return
+        if pending.envelope is None:
+            del self.pending[tag]
+            reply = protocol.decode(payload)
+            if not reply.get("ok"):
+                log.warning("worker of checkpoint %r: %s failed: %s", checkpoint, pending.op,
+                            reply.get("error", {}).get("message"))
             return
         pending.replies[checkpoint] = protocol.decode(payload)
         pending.waiting.discard(checkpoint)
@@ -276,16 +309,50 @@ class Router:
         else:
             self._reply(pending.envelope, pending.replies[checkpoint])
 
+    def _send_internal(self, checkpoint, request):
+        """Send a request of the router's own; its reply is only logged."""
+        try:
+            request_id = self._forward(checkpoint, request)
+        except WorkerUnavailable as error:
+            log.warning("cannot send %s to checkpoint %r: %s", request["op"], checkpoint, error)
+            return
+        deadline = time.monotonic() + REQUEST_DEADLINE_DEFAULT
+        self.pending[request_id] = Pending(None, deadline, checkpoint, request["op"], {checkpoint})
+
+    def _on_late_reply(self, checkpoint, request_id, reply):
+        """Handle a reply that came after its client was told the request timed out.
+
+        A lease issued that late reached no client, so it is returned at once instead of
+        staying leased until the worker stops.
+        """
+        entry = self.expired.pop(request_id, None)
+        op = entry[0] if entry else None
+        lease = (reply.get("result") or {}).get("lease") if reply.get("ok") else None
+        if op in ("get", None) and lease and reply["result"].get("path"):
+            log.warning("worker of checkpoint %r issued lease %s after its deadline; "
+                        "returning it", checkpoint, lease)
+            self._send_internal(checkpoint, {"op": "put", "lease": lease})
+            return
+        log.info("late reply %s from worker %r dropped", request_id.decode(), checkpoint)
+
     def _expire(self, now):
+        for request_id, (_, forget_at) in list(self.expired.items()):
+            if now > forget_at:
+                del self.expired[request_id]
         for request_id, pending in list(self.pending.items()):
             if now < pending.deadline:
                 continue
             del self.pending[request_id]
+            if pending.envelope is None:
+                log.warning("worker of checkpoint %r did not answer the router's %s in time",
+                            pending.checkpoint, pending.op)
+                continue
             if pending.op == "status" and pending.checkpoint is None:
                 self._reply(pending.envelope, protocol.ok(self._merge_status(pending.replies)))
                 continue
             log.warning("worker of checkpoint %r did not answer %s in time",
                         pending.checkpoint, pending.op)
+            self.expired[request_id] = (pending.op, now + LATE_REPLY_MEMORY)
             error = WorkerUnavailable(
                 f"worker of checkpoint {pending.checkpoint!r} did not answer {pending.op!r} in "
                 "time; it may be busy or restarting; check 'cerman ctl status' and retry")
@@ -338,11 +405,16 @@ class Router:
             elif worker is not None and worker.alive(now):
                 entry = dict(worker.status)
                 entry["note"] = "worker did not answer in time; showing its last heartbeat"
+            elif worker is None:
+                entry = {"state": "starting", "pid": None, "pools": {}, "error": None}
             else:
-                entry = {"state": "starting", "pid": None, "pools": {},
-                         "error": None if worker is None else "worker stopped sending heartbeats"}
-            entry["watcher"] = watcher_states.get(name, "unknown")
-            if entry["watcher"] == "stopped" and entry["state"] == "starting":
+                silent = now - worker.last_seen
+                entry = {"state": "not responding", "pid": worker.status.get("pid"),
+                         "pools": worker.status.get("pools", {}),
+                         "error": f"no heartbeat from the worker for {silent:.0f} s; circus "
+                                  "restarts it if it exited"}
+            entry["watcher"] = watcher_states.get(name.lower(), "unknown")
+            if entry["watcher"] == "stopped" and entry["state"] != "ready":
                 entry["state"] = "stopped"
                 entry["error"] = (f"circus watcher {watcher_name(name)} is stopped; start it "
                                   f"with 'circusctl start {watcher_name(name)}'")

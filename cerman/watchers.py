@@ -60,15 +60,25 @@ class WatcherControl:
             raise CircusError(f"circus rejected '{command}' {properties.get('name', '')}: {reason}")
 
     def worker_watchers(self):
-        """Return the names of the checkpoints that have a worker watcher."""
-        watchers = self._call("list").get("watchers", [])
-        return {name[len(WATCHER_PREFIX):] for name in watchers if name.startswith(WATCHER_PREFIX)}
+        """Return {lowercased checkpoint name: the checkpoint name its worker runs}.
+
+        circus 0.19 lists watcher names lowercased, so the name with its case is read
+        from the watcher's last argument (``cerman worker NAME``).
+        """
+        result = {}
+        for watcher in self._call("list").get("watchers", []):
+            if not watcher.lower().startswith(WATCHER_PREFIX):
+                continue
+            options = self._call("get", name=watcher, keys=["args"]).get("options", {})
+            args = options.get("args") or []
+            result[watcher[len(WATCHER_PREFIX):].lower()] = args[-1] if args else None
+        return result
 
     def statuses(self):
         """Return circus' state ("active", "stopped", ...) of each worker watcher."""
         statuses = self._call("status").get("statuses", {})
-        return {name[len(WATCHER_PREFIX):]: state for name, state in statuses.items()
-                if name.startswith(WATCHER_PREFIX)}
+        return {name[len(WATCHER_PREFIX):].lower(): state for name, state in statuses.items()
+                if name.lower().startswith(WATCHER_PREFIX)}
 
     def add(self, checkpoint):
         options = {
@@ -84,9 +94,14 @@ class WatcherControl:
         self._call("add", name=watcher_name(checkpoint), cmd=sys.executable,
                    args=["-m", "cerman", "worker", checkpoint], options=options, start=True)
 
-    def remove(self, checkpoint):
+    def remove(self, checkpoint, waiting=False):
         log.info("removing watcher %s", watcher_name(checkpoint))
-        self._call("rm", name=watcher_name(checkpoint), waiting=False)
+        self._call("rm", name=watcher_name(checkpoint), waiting=waiting)
+
+    def replace(self, checkpoint):
+        """Remove the watcher of the same name ignoring case, then add this one."""
+        self.remove(checkpoint, waiting=True)
+        self.add(checkpoint)
 
     def restart(self, checkpoint):
         log.info("restarting watcher %s", watcher_name(checkpoint))

@@ -74,3 +74,11 @@ def test_scan_duplicate_name_ignoring_case(tmp_path):
 def test_config_relative_path_from_file(tmp_path):
     path = write(tmp_path, "r.yaml", "name: r\nsource: {type: directory, path: ../images}\n")
     assert load_config(path).source.path == tmp_path / "../images"
+
+
+def test_scan_running_name_kept(tmp_path):
+    write(tmp_path, "b-own.yaml", "name: own\nsource: {type: directory, path: /a}\n")
+    write(tmp_path, "a-dup.yaml", "name: OWN\nsource: {type: directory, path: /b}\n")
+    scan = scan_config_dir(tmp_path, keep={"own"})
+    assert list(scan.configs) == ["own"]
+    assert "already used" in scan.errors[str(tmp_path / "a-dup.yaml")]

@@ -269,3 +269,92 @@ def test_invalid_config_named_on_get(cerman):
     assert code == 1
     assert "broken.yaml" in message
     assert "source.type" in message
+
+
+def test_uppercase_name_survives_reload(cerman):
+    cerman.write_config("Upper", pools={"uts": 1})
+    cerman.start()
+    cerman.wait_pools_full("Upper", types=("uts",))
+    lease = cerman.client.get("Upper", "uts")
+    pid = cerman.worker_pid("Upper")
+
+    result = cerman.client.reload()
+    assert result["unchanged"] == ["Upper"]
+    assert result["removed"] == []
+    assert cerman.worker_pid("Upper") == pid
+    assert os.path.exists(lease["path"])
+    cerman.client.put(lease["lease"])
+
+
+def test_case_clash_keeps_running_checkpoint(cerman):
+    cerman.write_config("own", pools={"uts": 1}, file_name="b-own.yaml")
+    cerman.start()
+    cerman.wait_pools_full("own", types=("uts",))
+    lease = cerman.client.get("own", "uts")
+
+    cerman.write_config("OWN", pools={"uts": 1}, file_name="a-dup.yaml")
+    result = cerman.client.reload()
+    assert result["unchanged"] == ["own"]
+    assert [error["file"] for error in result["config_errors"]] == [
+        str(cerman.config_dir / "a-dup.yaml")]
+    assert cerman.client.put(lease["lease"])["released"]
+
+
+def test_reload_reenables_repaired_checkpoint(cerman, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(IPC_UTS_IMAGES, images)
+    shm_image = images / "ipcns-shm-9.img"
+    good = shm_image.read_bytes()
+    shm_image.write_bytes(good[:-7])
+    cerman.write_config("repair", images=images)
+    cerman.start()
+    cerman.wait(lambda: cerman.client.status("repair")["pools"]["ipc"]["disabled"],
+                what="ipc pool disabled by the truncated image")
+
+    shm_image.write_bytes(good)
+    cerman.client.reload()
+    status = cerman.wait_pools_full("repair")
+    assert status["pools"]["ipc"]["disabled"] is None
+    ipc = cerman.client.get("repair", "ipc")
+    assert snapshot_namespaces(ipc["path"])["shm"] == EXPECTED["shm"]
+
+
+def test_late_get_lease_returned(cerman):
+    cerman.write_config("fixture", pools={"ipc": 1})
+    cerman.start()
+    cerman.wait_pools_full("fixture", types=("ipc",))
+    pid = cerman.worker_pid("fixture")
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(RemoteError, match="did not answer"):
+            cerman.client.get("fixture", "ipc")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+    status = cerman.wait(lambda: (s := cerman.client.status("fixture"))["pools"]["ipc"]["free"] == 1
+                         and s, what="pool refilled")
+    assert status["pools"]["ipc"]["leased"] == 0
+    journal = cerman.state_dir / "journal" / "fixture.json"
+    assert not journal.exists() or json.loads(journal.read_text())["leases"] == {}
+
+
+def test_status_printed_for_one_checkpoint(cerman):
+    cerman.write_config("fixture")
+    cerman.start()
+    cerman.wait_pools_full("fixture")
+    result = subprocess.run(["cerman", "ctl", "--socket", f"ipc://{cerman.run_dir}/cerman.sock",
+                             "status", "fixture"], capture_output=True, text=True,
+                            env=cerman.env, timeout=60)
+    assert result.returncode == 0
+    assert result.stdout.startswith("fixture: ready (pid ")
+    assert "ipc: free 2, leased 0" in result.stdout
+
+
+def test_ctl_without_router_fails_fast(tmp_path):
+    started = time.monotonic()
+    result = subprocess.run(["cerman", "ctl", "--socket", f"ipc://{tmp_path}/cerman.sock", "status"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "no cerman router socket" in result.stderr
+    assert time.monotonic() - started < 10

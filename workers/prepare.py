@@ -14,7 +14,7 @@ import sys
 from cerman import paths as cerman_paths
 from cerman import protocol
 from cerman.config import scan_config_dir
-from cerman.errors import CermanError, ConfigError
+from cerman.errors import CermanError, ConfigError, ImageError
 
 
 def find_config(paths, name):
@@ -41,6 +41,7 @@ def pool_availability(config, prepared):
     """Return, per pool type in the config, None when it can be built or why not."""
     from workers.criu import images
     from workers.ipc_builder import check_ipc_image
+    from workers.sources import describe_source
 
     reasons = {}
     for ns_type in config.pools:
@@ -59,8 +60,13 @@ def pool_availability(config, prepared):
                 if not prepared.rootfs_layers:
                     raise CermanError("no root filesystem: the source carries none; set rootfs.path "
                                       f"in {config.file}")
+                if not list(prepared.images_dir.glob("mountpoints-*.img")):
+                    raise CermanError("the checkpoint has no mount namespace image: the process "
+                                      "shared the host mount namespace, so there is nothing to pool")
                 images.read_mountpoints(prepared.images_dir)
             reasons[ns_type] = None
+        except ImageError as error:
+            reasons[ns_type] = f"{error} (images prepared from {describe_source(config)})"
         except CermanError as error:
             reasons[ns_type] = str(error)
     return reasons
@@ -70,15 +76,20 @@ def main(argv):
     logging.basicConfig(force=True, level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s prepare[%(process)d] %(levelname)s %(name)s: %(message)s")
     name = argv[1]
+    # --keep: the worker still has leases or references on the current preparation.
+    replace = "--keep" not in argv[2:]
     paths = cerman_paths.resolve()
     try:
         from workers import sources
 
         config = find_config(paths, name)
-        prepared = sources.prepare(config, paths.state_dir)
+        prepared = sources.prepare(config, paths.state_dir, replace=replace)
         result = {"ok": True, "prepared": prepared.as_dict(),
                   "generation": generation(prepared),
                   "pools": pool_availability(config, prepared)}
+    except CermanError as error:
+        logging.getLogger(__name__).error("preparing checkpoint %r failed: %s", name, error)
+        result = protocol.failure(error)
     except Exception as error:  # reported to the worker, which shows it in status
         logging.getLogger(__name__).exception("preparing checkpoint %r failed", name)
         result = protocol.failure(error)

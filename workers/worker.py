@@ -27,6 +27,7 @@ import zmq
 
 from cerman import paths as cerman_paths
 from cerman import protocol
+from cerman.config import POOL_CAPACITY_MAX
 from cerman.errors import CermanError, LeaseNotFound, PoolError, RequestError
 from workers import namespaces
 from workers.builder_client import BuilderProcess
@@ -42,6 +43,9 @@ HEARTBEAT_INTERVAL = 1.0
 GET_WAIT_MAX = 15.0
 PREPARE_RETRY_DELAY = 30.0
 MAX_BUILDS_IN_FLIGHT = 4
+# A request is dropped when less than this remains before its deadline, so that the
+# reply still reaches the router in time.
+DEADLINE_MARGIN = 0.5
 NS_TYPES = ("ipc", "uts", "mnt")
 
 
@@ -90,10 +94,21 @@ class Worker:
         log.info("worker of checkpoint %r started (pid %d)", self.name, os.getpid())
 
     def _start_prepare(self):
-        self.preparer = subprocess.Popen(
-            [sys.executable, "-m", "workers.prepare", self.name],
-            stdout=subprocess.PIPE, env={**os.environ, **self.paths.as_env()})
+        command = [sys.executable, "-m", "workers.prepare", self.name]
+        if self._preparation_in_use():
+            command.append("--keep")
+        self.preparer = subprocess.Popen(command, stdout=subprocess.PIPE,
+                                         env={**os.environ, **self.paths.as_env()})
         self.poller.register(self.preparer.stdout.fileno(), zmq.POLLIN)
+
+    def _preparation_in_use(self):
+        """Return whether replacing the prepared files would pull them from under a user.
+
+        Leased mount namespaces use its layers as overlay lower dirs, and ``checkpoint
+        get`` hands out its images directory.
+        """
+        mnt_leases = any(entry["type"] == "mnt" for entry in self.journal.leases.values())
+        return mnt_leases or self.journal.checkpoint_refs > 0
 
     def _finish_prepare(self):
         self.poller.unregister(self.preparer.stdout.fileno())
@@ -105,6 +120,9 @@ class Worker:
         except ValueError:
             result = {"ok": False, "error": {"message": "preparation exited without a result; "
                                                         "see the worker's log"}}
+        if self.state == "ready":
+            self._apply_refresh(result)
+            return
         if not result.get("ok"):
             self.state = "failed"
             self.error = result["error"]["message"]
@@ -129,6 +147,31 @@ class Worker:
         self.error = None
         log.info("checkpoint %r prepared in %s (generation %s)",
                  self.name, self.prepared.images_dir, self.generation)
+
+    def _apply_refresh(self, result):
+        """Take a new preparation of a running checkpoint and re-enable its pools."""
+        if not result.get("ok"):
+            self.error = (f"re-checking the source failed: {result['error']['message']}; "
+                          "still serving the earlier preparation")
+            log.error("checkpoint %r: %s", self.name, self.error)
+            return
+        self.error = None
+
+        generation = result["generation"]
+        if generation != self.generation:
+            log.info("checkpoint %r: source changed (generation %s to %s); rebuilding free "
+                     "namespaces", self.name, self.generation, generation)
+            self.prepared = PreparedCheckpoint.from_dict(result["prepared"])
+            self.generation = generation
+            for pool in self.pools.values():
+                while pool.free:
+                    self._destroy(pool.free.pop())
+
+        for ns_type, pool in self.pools.items():
+            pool.reset_errors()
+            pool.disabled = result["pools"].get(ns_type)
+            if pool.disabled:
+                log.warning("checkpoint %r: no %s pool: %s", self.name, ns_type, pool.disabled)
 
     def _load_pools(self, availability):
         from workers.prepare import find_config
@@ -238,11 +281,20 @@ class Worker:
         op = request.get("op")
         if op == "status":
             return protocol.ok(self.status())
+        deadline = request.get("deadline")
+        if deadline is not None and time.time() > deadline - DEADLINE_MARGIN:
+            # The router has told the client it timed out: acting now would, for a get,
+            # lease a namespace that nobody receives.
+            log.warning("checkpoint %r: dropping %s that arrived after its deadline",
+                        self.name, op)
+            raise RequestError(f"{op!r} reached the worker after its deadline; retry")
+        if op == "refresh":
+            return protocol.ok(self._refresh())
         if self.state != "ready":
             raise PoolError(f"checkpoint {self.name!r} is {self.state}"
                             + (f": {self.error}" if self.error else "; retry shortly"))
         if op == "get":
-            return self._get(request_id, request.get("type"))
+            return self._get(request_id, request.get("type"), deadline)
         if op == "put":
             return protocol.ok(self._put(request.get("lease")))
         if op == "update":
@@ -266,7 +318,13 @@ class Worker:
             raise PoolError(f"checkpoint {self.name!r}: {ns_type} pool is disabled: {pool.disabled}")
         return pool
 
-    def _get(self, request_id, ns_type):
+    def _refresh(self):
+        if self.preparer is not None:
+            return {"checkpoint": self.name, "refresh": "already preparing"}
+        self._start_prepare()
+        return {"checkpoint": self.name, "refresh": "started"}
+
+    def _get(self, request_id, ns_type, deadline=None):
         pool = self._pool(ns_type)
         namespace = pool.take()
         if namespace is not None:
@@ -275,7 +333,10 @@ class Worker:
             raise PoolError(f"checkpoint {self.name!r}: {ns_type} pool has capacity 0; raise it with "
                             f"'cerman ctl update {self.name} --type {ns_type} --capacity N'")
         # Reply once a build finishes; make sure at least one is under way.
-        self.waiters.append((request_id, ns_type, time.monotonic() + GET_WAIT_MAX))
+        wait = GET_WAIT_MAX
+        if deadline is not None:
+            wait = min(wait, deadline - DEADLINE_MARGIN - time.time())
+        self.waiters.append((request_id, ns_type, time.monotonic() + wait))
         if pool.building == 0:
             self._submit_build(pool)
         return None
@@ -311,8 +372,10 @@ class Worker:
         return {"lease": lease_id, "released": True}
 
     def _update(self, capacity, ns_type):
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
-            raise RequestError(f"capacity {capacity!r} is invalid; give a non-negative integer")
+        if (isinstance(capacity, bool) or not isinstance(capacity, int)
+                or not 0 <= capacity <= POOL_CAPACITY_MAX):
+            raise RequestError(f"capacity {capacity!r} is invalid; give an integer from 0 to "
+                               f"{POOL_CAPACITY_MAX}")
         types = [ns_type] if ns_type else list(self.pools)
         for name in types:
             pool = self.pools.get(name)
@@ -320,7 +383,8 @@ class Worker:
                 self._pool(name)
             pool.capacity = capacity
             self.capacities[name] = capacity
-            if pool.last_error and pool.disabled == pool.last_error:
+            if pool.disabled and pool.disabled == pool.last_error:
+                # Disabled by a build error, not by the checkpoint's content: try again.
                 pool.reset_errors()
             for namespace in pool.surplus():
                 self._destroy(namespace)
@@ -370,7 +434,15 @@ class Worker:
         if response.get("rootfs"):
             namespace.rootfs = response["rootfs"]
         pool.record_success(namespace)
+        if pin_generation(Path(namespace.pin).name) != self.generation:
+            # Built from a preparation that a refresh has since replaced.
+            pool.free.remove(namespace)
+            self._destroy(namespace)
+            return
         self._serve_waiters(pool)
+        for extra in pool.surplus():
+            # The capacity was lowered while this build ran.
+            self._destroy(extra)
 
     def _serve_waiters(self, pool):
         for waiter in list(self.waiters):
@@ -436,6 +508,11 @@ class Worker:
         if self.bundle_dir.is_dir():
             self._remove_orphan_bundles(set())
         namespaces.release_private_mount(self.ns_dir)
+        for directory in [*(self.ns_dir / ns_type for ns_type in NS_TYPES), self.ns_dir]:
+            try:
+                directory.rmdir()
+            except OSError as error:
+                log.warning("checkpoint %r: leaving %s: %s", self.name, directory, error.strerror)
         if self.socket is not None:
             self.socket.close(linger=0)
             self.context.term()

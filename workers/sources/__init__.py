@@ -173,17 +173,23 @@ def _prepared(config, final, extra_lower_dirs):
     )
 
 
-def prepare(config, state_dir):
+def prepare(config, state_dir, replace=True):
     """Return the checkpoint prepared on disk, reusing an up-to-date preparation.
 
+    With ``replace`` false, an existing preparation is returned even when the source
+    has changed since, for a caller whose leases still use its files.
     Raises SourceError naming the checkpoint, its source and what to do.
     """
     final = checkpoint_dir(config.name, state_dir)
     module = source_module(config)
 
     with _errors_named(config), _locked(final):
-        record = _record(config, module)
         saved = _read_saved(final)
+        if saved is not None and not replace:
+            log.info("checkpoint %s: keeping the preparation in %s while it is in use",
+                     config.name, final)
+            return _prepared(config, final, saved.get("extra_lower_dirs", []))
+        record = _record(config, module)
         if saved is not None and saved.get("record") == record:
             log.info("checkpoint %s: reusing preparation in %s", config.name, final)
             return _prepared(config, final, saved.get("extra_lower_dirs", []))
