@@ -302,7 +302,7 @@ def service_latency(service, settings):
         get_runs.append(gets)
         put_runs.append(puts)
     # The same path without a lease: status replies from memory, and checkpoint-get only
-    # saves the journal (write, fsync, rename, fsync of the directory) as a get does.
+    # writes one journal file (write, rename), as a get does.
     wait_idle(service, CHECKPOINT)
     status_runs, journal_runs = [], []
     for _ in range(settings.latency_reps):

@@ -471,6 +471,9 @@ def _describe_status(status):
     return f"exit code {os.waitstatus_to_exitcode(status)}"
 
 
+NICE_DEFAULT = 10
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m workers.builder",
                                      description="Build namespaces requested as JSON lines "
@@ -483,6 +486,9 @@ def main(argv=None):
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="exit at once unless this is still the parent process")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--nice", type=int, default=NICE_DEFAULT,
+                        help="niceness added to the builder and its children (default "
+                        "%(default)s)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
@@ -493,6 +499,9 @@ def main(argv=None):
         log.error("parent %d exited before the builder started", args.parent_pid)
         return 1
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    # Refills run in the background: a lower CPU priority (inherited by every build
+    # child) keeps them from delaying the worker's and router's replies.
+    os.nice(args.nice)
 
     Builder(timeout=args.timeout, max_children=args.max_children).run()
     return 0

@@ -1,12 +1,17 @@
 """The lease journal: what a worker has handed out, kept on disk across crashes.
 
-A worker writes the journal *before* it replies to a ``get`` and removes an entry only
-*after* the namespace's pin is gone, so a restarted worker never treats a leased
-namespace as free: every pinned namespace that is not in the journal was never handed
-out. The file is replaced atomically (write, rename). It is not fsynced: the journal
-must survive a crash of the worker process, which the page cache does, while a crash
-of the machine also ends every pin it describes (pins are mounts), so the adoption
-that follows drops its entries anyway.
+Layout, under ``$CERMAN_STATE_DIR/journal/<checkpoint>/``: one file per lease,
+``leases/<lease id>.json``, and ``checkpoint-refs`` with the number of ``checkpoint
+get`` references. A lease costs one small file written and renamed, and a ``put`` one
+unlink, whatever the number of leases outstanding.
+
+A worker writes a lease *before* it replies to a ``get`` and removes it only *after*
+the namespace's pin is gone, so a restarted worker never treats a leased namespace as
+free: every pinned namespace that is not in the journal was never handed out. Files are
+replaced atomically (write, rename) but not fsynced: the journal must survive a crash
+of the worker process, which the page cache does, while a crash of the machine also
+ends every pin it describes (pins are mounts), so the adoption that follows drops its
+entries anyway.
 """
 
 import json
@@ -16,47 +21,65 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+LEASE_SUFFIX = ".json"
+
+
+def _write_atomically(path, text):
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 class Journal:
-    def __init__(self, path):
-        self.path = Path(path)
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        self.lease_dir = self.directory / "leases"
+        self.refs_path = self.directory / "checkpoint-refs"
         self.leases = {}
         self.checkpoint_refs = 0
 
     def load(self):
-        """Read the journal; a missing file is an empty journal."""
+        """Read the journal; a missing directory is an empty journal."""
+        self.lease_dir.mkdir(parents=True, exist_ok=True)
+        for path in self.lease_dir.iterdir():
+            if path.name.startswith("."):
+                # A write interrupted before its rename: the lease was never answered.
+                path.unlink()
+                continue
+            try:
+                self.leases[path.name[:-len(LEASE_SUFFIX)]] = json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                # Renames are atomic, so this file was damaged from outside. Its pin is
+                # unknown and may be adopted as free: say so loudly and keep the file.
+                log.error("lease journal entry %s is unreadable (%s); the namespace it "
+                          "leased may be handed out again", path, error)
         try:
-            data = json.loads(self.path.read_text())
+            self.checkpoint_refs = int(self.refs_path.read_text())
         except FileNotFoundError:
-            return self
+            self.checkpoint_refs = 0
         except (OSError, ValueError) as error:
-            # Keep the unreadable file for inspection; leases in it are lost, and their
-            # pins are released as unknown on adoption rather than handed out again.
-            broken = self.path.with_suffix(".broken")
-            log.error("lease journal %s is unreadable (%s); moved to %s", self.path, error, broken)
-            os.replace(self.path, broken)
-            return self
-        self.leases = dict(data.get("leases", {}))
-        self.checkpoint_refs = int(data.get("checkpoint_refs", 0))
+            log.error("checkpoint reference count %s is unreadable (%s); starting from 0",
+                      self.refs_path, error)
+            self.checkpoint_refs = 0
         return self
 
     def save(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        data = {"version": VERSION, "leases": self.leases, "checkpoint_refs": self.checkpoint_refs}
-        with open(temporary, "w") as file:
-            json.dump(data, file, indent=1, sort_keys=True)
-        os.replace(temporary, self.path)
+        """Write the checkpoint reference count."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _write_atomically(self.refs_path, f"{self.checkpoint_refs}\n")
 
     def add_lease(self, lease_id, entry):
+        self.lease_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomically(self.lease_dir / f"{lease_id}{LEASE_SUFFIX}",
+                          json.dumps(entry, sort_keys=True))
         self.leases[lease_id] = entry
-        self.save()
 
     def remove_lease(self, lease_id):
+        try:
+            (self.lease_dir / f"{lease_id}{LEASE_SUFFIX}").unlink()
+        except FileNotFoundError:
+            pass
         self.leases.pop(lease_id, None)
-        self.save()
 
     def leased_pins(self):
         return {entry["pin"] for entry in self.leases.values()}

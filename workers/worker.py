@@ -55,7 +55,7 @@ class Worker:
         self.paths = paths
         self.ns_dir = paths.ns_dir(name)
         self.bundle_dir = paths.state_dir / "bundles" / name
-        self.journal = Journal(paths.state_dir / "journal" / f"{name}.json")
+        self.journal = Journal(paths.state_dir / "journal" / name)
         self.builder = BuilderProcess()
         self.pools = {}
         self.capacities = {}
