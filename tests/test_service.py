@@ -358,3 +358,54 @@ def test_ctl_without_router_fails_fast(tmp_path):
     assert result.returncode == 1
     assert "no cerman router socket" in result.stderr
     assert time.monotonic() - started < 10
+
+
+def test_kills_never_hand_out_twice(cerman):
+    """Clients lease and return while the worker is killed: no path is handed out twice."""
+    import threading
+
+    from cerman.client import Client
+
+    cerman.write_config("fixture", pools={"ipc": 4, "uts": 4})
+    cerman.start()
+    cerman.wait_pools_full("fixture")
+    issued, errors = [], []
+    stop = threading.Event()
+
+    def lease_loop(ns_type):
+        with Client(f"ipc://{cerman.run_dir}/cerman.sock", timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    lease = client.get("fixture", ns_type)
+                except RemoteError as error:
+                    errors.append(error.code)
+                    time.sleep(0.05)
+                    continue
+                issued.append(lease["path"])
+                try:
+                    client.put(lease["lease"])
+                except RemoteError as error:
+                    errors.append(error.code)
+
+    threads = [threading.Thread(target=lease_loop, args=(ns_type,))
+               for ns_type in ("ipc", "ipc", "uts", "uts")]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(3):
+            time.sleep(1.5)
+            pid = cerman.worker_pid("fixture")
+            os.kill(pid, signal.SIGKILL)
+            cerman.wait(lambda: cerman.worker_pid("fixture") not in (None, pid), timeout=30,
+                        what="worker restarted")
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+
+    assert len(issued) > 20
+    assert len(issued) == len(set(issued))
+    assert set(errors) <= {"worker-unavailable", "pool"}
+    cerman.stop()
+    assert mounts_under(cerman.base) == []
