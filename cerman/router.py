@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import logging
 import os
+import secrets
 import signal
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ REQUEST_DEADLINES = {"get": 20.0, "checkpoint-get": 20.0}
 REQUEST_DEADLINE_DEFAULT = 10.0
 STATUS_FANOUT_DEADLINE = 2.0
 RECONCILE_RETRY_DELAY = 5.0
+# The router answers this long before a client's own timeout expires.
+CLIENT_TIMEOUT_MARGIN = 0.5
 # How long the router remembers a timed-out request, to return a lease issued late.
 LATE_REPLY_MEMORY = 300.0
 
@@ -40,6 +43,7 @@ LATE_REPLY_MEMORY = 300.0
 class WorkerInfo:
     last_seen: float = 0.0
     status: dict = field(default_factory=dict)
+    restarted_pid: int | None = None
 
     def alive(self, now):
         return now - self.last_seen < HEARTBEAT_EXPIRY
@@ -72,6 +76,9 @@ class Router:
         self.running = True
         self.reconcile_at = None
         self.expired = {}
+        # Ids are unique across router restarts: a worker may still answer a request
+        # of the previous router process, and that reply must not match a new request.
+        self._id_prefix = secrets.token_hex(4)
         self._request_ids = itertools.count(1)
 
     # -- set-up ---------------------------------------------------------------
@@ -80,6 +87,8 @@ class Router:
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
         self.frontend = self.context.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
+        # Know when a client has gone, so a lease it would have received is returned.
+        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.frontend.bind(self.paths.client_endpoint)
 
         self.backend = self.context.socket(zmq.ROUTER)
@@ -226,6 +235,10 @@ class Router:
             self._reply(envelope, protocol.ok(self._merge_status({})["checkpoints"][checkpoint]))
             return
         seconds = REQUEST_DEADLINES.get(op, REQUEST_DEADLINE_DEFAULT)
+        client_timeout = request.get("timeout")
+        if isinstance(client_timeout, (int, float)) and not isinstance(client_timeout, bool):
+            # Answer before the client gives up, so a late lease is returned, not lost.
+            seconds = max(0.1, min(seconds, client_timeout - CLIENT_TIMEOUT_MARGIN))
         request_id = self._forward(checkpoint, request, seconds)
         self.pending[request_id] = Pending(envelope, time.monotonic() + seconds, checkpoint, op,
                                            {checkpoint})
@@ -264,7 +277,7 @@ class Router:
             raise WorkerUnavailable(
                 f"worker of checkpoint {checkpoint!r} is not running (starting or restarting; "
                 f"circus watcher {watcher_name(checkpoint)}); retry in a few seconds")
-        request_id = str(next(self._request_ids)).encode()
+        request_id = self._new_request_id()
         try:
             self.backend.send_multipart([checkpoint.encode(), request_id, protocol.encode(request)],
                                         zmq.NOBLOCK)
@@ -274,7 +287,37 @@ class Router:
                 "retry in a few seconds") from error
         return request_id
 
+    def _check_config_digest(self, checkpoint, worker):
+        """Restart a worker that runs an older version of its config file.
+
+        This happens when the file changed while the router was down: the router's
+        own record starts from the file as it is now. One restart per worker process.
+        """
+        if self.watchers is None:
+            return
+        loaded = worker.status.get("config_digest")
+        current = self.config_digests.get(checkpoint)
+        pid = worker.status.get("pid")
+        if not loaded or not current or loaded == current or worker.restarted_pid == pid:
+            return
+        worker.restarted_pid = pid
+        log.info("worker of checkpoint %r runs an older config file; restarting it", checkpoint)
+        try:
+            self.watchers.restart(checkpoint)
+        except CircusError as error:
+            log.error("restarting the worker of checkpoint %r failed: %s", checkpoint, error)
+
+    def _new_request_id(self):
+        return f"{self._id_prefix}-{next(self._request_ids)}".encode()
+
     def _on_worker_message(self, frames):
+        try:
+            self._handle_worker_message(frames)
+        except Exception:  # one bad worker message must not take the router down
+            log.exception("dropping a worker message that could not be handled: %r",
+                          [frame[:200] for frame in frames])
+
+    def _handle_worker_message(self, frames):
         if len(frames) != 3:
             log.warning("dropping malformed worker message with %d frames", len(frames))
             return
@@ -286,10 +329,11 @@ class Router:
                 log.info("worker of checkpoint %r connected", checkpoint)
             worker.last_seen = time.monotonic()
             worker.status = protocol.decode(payload)
+            self._check_config_digest(checkpoint, worker)
             return
 
         pending = self.pending.get(tag)
-        if pending is None:
+        if pending is None or checkpoint not in pending.waiting:
             self._on_late_reply(checkpoint, tag, protocol.decode(payload))
             return
         if pending.envelope is None:
@@ -307,7 +351,9 @@ class Router:
         if pending.op == "status" and pending.checkpoint is None:
             self._reply(pending.envelope, protocol.ok(self._merge_status(pending.replies)))
         else:
-            self._reply(pending.envelope, pending.replies[checkpoint])
+            reply = pending.replies[checkpoint]
+            if not self._reply(pending.envelope, reply):
+                self._return_lease(checkpoint, reply, "its client went away")
 
     def _send_internal(self, checkpoint, request):
         """Send a request of the router's own; its reply is only logged."""
@@ -327,13 +373,19 @@ class Router:
         """
         entry = self.expired.pop(request_id, None)
         op = entry[0] if entry else None
-        lease = (reply.get("result") or {}).get("lease") if reply.get("ok") else None
-        if op in ("get", None) and lease and reply["result"].get("path"):
-            log.warning("worker of checkpoint %r issued lease %s after its deadline; "
-                        "returning it", checkpoint, lease)
-            self._send_internal(checkpoint, {"op": "put", "lease": lease})
+        if op in ("get", None) and self._return_lease(checkpoint, reply, "it came too late"):
             return
         log.info("late reply %s from worker %r dropped", request_id.decode(), checkpoint)
+
+    def _return_lease(self, checkpoint, reply, reason):
+        """Return the lease in a get reply that reached no client; False if there is none."""
+        result = reply.get("result") if reply.get("ok") else None
+        if not isinstance(result, dict) or not result.get("lease") or not result.get("path"):
+            return False
+        log.warning("lease %s of checkpoint %r reached no client (%s); returning it",
+                    result["lease"], checkpoint, reason)
+        self._send_internal(checkpoint, {"op": "put", "lease": result["lease"]})
+        return True
 
     def _expire(self, now):
         for request_id, (_, forget_at) in list(self.expired.items()):
@@ -359,17 +411,20 @@ class Router:
             self._reply(pending.envelope, protocol.failure(error))
 
     def _reply(self, envelope, message):
+        """Send a reply to a client; return False when the client is gone."""
         try:
             self.frontend.send_multipart(envelope + [protocol.encode(message)], zmq.NOBLOCK)
         except zmq.ZMQError as error:
             log.info("client went away before its reply: %s", error)
+            return False
+        return True
 
     # -- status -----------------------------------------------------------------
 
     def _status_all(self, envelope):
         now = time.monotonic()
         waiting = set()
-        request_id = str(next(self._request_ids)).encode()
+        request_id = self._new_request_id()
         for name in self.configs:
             worker = self.workers.get(name)
             if worker is None or not worker.alive(now):

@@ -409,3 +409,102 @@ def test_kills_never_hand_out_twice(cerman):
     assert set(errors) <= {"worker-unavailable", "pool"}
     cerman.stop()
     assert mounts_under(cerman.base) == []
+
+
+def test_put_while_source_missing(cerman, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(IPC_UTS_IMAGES, images)
+    cerman.write_config("moving", images=images)
+    cerman.start()
+    cerman.wait_pools_full("moving")
+    lease = cerman.client.get("moving", "ipc")
+    images.rename(tmp_path / "images-moved")
+    pid = cerman.worker_pid("moving")
+    os.kill(pid, signal.SIGKILL)
+    cerman.wait(lambda: cerman.client.status("moving")["state"] == "failed", what="worker failed")
+
+    assert cerman.client.status("moving")["leases"] == 1
+    assert cerman.client.put(lease["lease"])["released"]
+    assert not os.path.exists(lease["path"])
+
+
+def test_client_timeout_leaves_no_lease(cerman):
+    import psutil
+
+    from cerman.client import Client
+
+    cerman.write_config("fixture", pools={"ipc": 1})
+    cerman.start()
+    cerman.wait_pools_full("fixture", types=("ipc",))
+    cerman.client.get("fixture", "ipc")
+    worker = psutil.Process(cerman.worker_pid("fixture"))
+    builder = next(child for child in worker.children() if "workers.builder" in child.cmdline())
+    cerman.wait(lambda: cerman.client.status("fixture")["pools"]["ipc"]["free"] == 1,
+                what="pool refilled")
+    cerman.client.get("fixture", "ipc")
+
+    builder.suspend()
+    try:
+        with Client(f"ipc://{cerman.run_dir}/cerman.sock", timeout=3) as impatient:
+            with pytest.raises(RemoteError):
+                impatient.get("fixture", "ipc")
+    finally:
+        builder.resume()
+
+    status = cerman.wait(lambda: (s := cerman.client.status("fixture"))["pools"]["ipc"]["free"] == 1
+                         and s, what="pool refilled after the timeout")
+    assert status["pools"]["ipc"]["leased"] == 2
+    assert status["leases"] == 2
+
+
+def test_journal_write_failure_keeps_namespace(cerman):
+    cerman.write_config("fixture", pools={"ipc": 1})
+    cerman.start()
+    cerman.wait_pools_full("fixture", types=("ipc",))
+    leases = cerman.state_dir / "journal" / "fixture" / "leases"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "full", str(leases)], check=True)
+    try:
+        subprocess.run(["dd", "if=/dev/zero", f"of={leases}/.filler", "bs=4k", "count=1"],
+                       capture_output=True)
+        with pytest.raises(RemoteError, match="cannot record the lease"):
+            cerman.client.get("fixture", "ipc")
+        assert cerman.client.status("fixture")["pools"]["ipc"]["free"] == 1
+    finally:
+        subprocess.run(["umount", str(leases)], check=True)
+    assert cerman.client.get("fixture", "ipc")["path"]
+
+
+def test_router_survives_malformed_worker_message(cerman):
+    import zmq
+
+    cerman.start()
+    router_pid = int(cerman.circusctl("list", "cerman-router").stdout.strip() or 0)
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.IDENTITY, b"intruder")
+    socket.connect(f"ipc://{cerman.run_dir}/workers.sock")
+    socket.send_multipart([b"heartbeat", b"not json"])
+    socket.send_multipart([b"1", b"{}"])
+    time.sleep(0.5)
+    socket.close(linger=0)
+    context.term()
+
+    assert cerman.client.status() is not None
+    assert int(cerman.circusctl("list", "cerman-router").stdout.strip()) == router_pid
+
+
+def test_config_edit_applied_after_router_restart(cerman):
+    from cerman.client import Client
+
+    cerman.write_config("fixture", pools={"ipc": 1})
+    cerman.start()
+    cerman.wait_pools_full("fixture", types=("ipc",))
+    router_pid = int(cerman.circusctl("list", "cerman-router").stdout.strip())
+
+    cerman.write_config("fixture", pools={"ipc": 3})
+    os.kill(router_pid, signal.SIGKILL)
+    # A request sent to the dead router is lost, so each try gets its own short timeout.
+    with Client(f"ipc://{cerman.run_dir}/cerman.sock", timeout=2) as client:
+        status = cerman.wait(lambda: (s := client.status("fixture"))["pools"]["ipc"]
+                             ["capacity"] == 3 and s, what="worker restarted with the edited config")
+    assert status["state"] == "ready"

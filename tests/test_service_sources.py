@@ -198,6 +198,7 @@ def test_archive_missing_bind_source_reported(cerman, tmp_path):
     status = cerman.wait(lambda: (s := cerman.client.status("podman"))["pools"]["mnt"]
                          ["last_error"] and s, what="mnt build attempted")
     assert "userdata" in status["pools"]["mnt"]["last_error"]
+    assert list((cerman.state_dir / "bundles" / "podman").iterdir()) == []
 
 
 def test_quit_removes_bundles_and_mounts(cerman, containerd, hostdata):
@@ -239,3 +240,26 @@ def test_hostile_archive_rejected(cerman, tmp_path):
     assert list(outside.iterdir()) == []
     assert not list((cerman.state_dir / "checkpoints").glob("hostile*/**/escaped"))
     cerman.wait_pools_full("fixture")
+
+
+def test_put_keeps_bundle_for_joined_process(cerman, containerd, hostdata):
+    containerd_config(cerman, containerd, {"mnt": 1})
+    cerman.start()
+    cerman.wait_pools_full("ck", types=("mnt",), timeout=60)
+    lease = cerman.client.get("ck", "mnt")
+    rootfs = lease["rootfs"]
+    joined = subprocess.Popen(
+        ["nsenter", f"--mount={lease['path']}", "sh", "-c",
+         f"read line; echo written after put > {rootfs}/after.txt && cat {rootfs}/after.txt"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        cerman.client.put(lease["lease"])
+        output, _ = joined.communicate("go\n", timeout=30)
+    finally:
+        if joined.poll() is None:
+            joined.kill()
+            joined.wait()
+
+    assert output == "written after put\n"
+    cerman.wait(lambda: not Path(lease["bundle"]).exists(), timeout=30,
+                what="kept bundle removed after its last process exited")

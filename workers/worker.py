@@ -14,6 +14,7 @@ worker holds, leased ones included, and exits 0. SIGKILL leaves the pins in plac
 the restarted worker adopts them, so lease paths stay valid across a crash.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -42,6 +43,10 @@ HEARTBEAT_INTERVAL = 1.0
 # deadline for get (20 s) so the client sees this error rather than a timeout.
 GET_WAIT_MAX = 15.0
 PREPARE_RETRY_DELAY = 30.0
+# How often bundles kept for processes still in their namespace are checked.
+SWEEP_INTERVAL = 5.0
+# File in a returned bundle whose namespace still has processes: the namespace's inode.
+RELEASED_MARKER = "released-namespace"
 MAX_BUILDS_IN_FLIGHT = 4
 # A request is dropped when less than this remains before its deadline, so that the
 # reply still reaches the router in time.
@@ -67,6 +72,8 @@ class Worker:
         self.waiters = []
         self.builds = {}
         self.preparer = None
+        self.preparer_keeps = False
+        self.config_digest = None
         self.prepare_retry_at = 0.0
         self.context = None
         self.socket = None
@@ -85,6 +92,10 @@ class Worker:
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.IDENTITY, self.name.encode())
         self.socket.setsockopt(zmq.LINGER, 0)
+        # Queue nothing while the router is down: a blocked send would stop the loop,
+        # and with it the handling of SIGTERM that releases the pins.
+        self.socket.setsockopt(zmq.IMMEDIATE, 1)
+        self.socket.setsockopt(zmq.SNDHWM, 100)
         self.socket.connect(self.paths.worker_endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.socket, zmq.POLLIN)
@@ -95,11 +106,18 @@ class Worker:
 
     def _start_prepare(self):
         command = [sys.executable, "-m", "workers.prepare", self.name]
-        if self._preparation_in_use():
+        self.preparer_keeps = self._preparation_in_use()
+        if self.preparer_keeps:
             command.append("--keep")
         self.preparer = subprocess.Popen(command, stdout=subprocess.PIPE,
                                          env={**os.environ, **self.paths.as_env()})
         self.poller.register(self.preparer.stdout.fileno(), zmq.POLLIN)
+
+    def _replacing_preparation(self, request):
+        """Return whether a running preparation may replace the files this request uses."""
+        if self.preparer is None or self.preparer_keeps:
+            return False
+        return request["op"] == "checkpoint-get" or request.get("type") == "mnt"
 
     def _preparation_in_use(self):
         """Return whether replacing the prepared files would pull them from under a user.
@@ -177,6 +195,7 @@ class Worker:
         from workers.prepare import find_config
 
         config = find_config(self.paths, self.name)
+        self.config_digest = hashlib.sha256(config.file.read_bytes()).hexdigest()
         for ns_type, capacity in config.pools.items():
             pool = Pool(self.name, ns_type, self.capacities.get(ns_type, capacity))
             pool.disabled = availability.get(ns_type)
@@ -224,6 +243,8 @@ class Worker:
         if not self.bundle_dir.is_dir():
             return
         for bundle in self.bundle_dir.iterdir():
+            if (bundle / RELEASED_MARKER).exists():
+                continue  # returned but still in use: _sweep_released removes it
             if bundle.name not in kept:
                 log.info("checkpoint %r: removing orphan bundle %s", self.name, bundle)
                 self._release_bundle(bundle)
@@ -232,6 +253,7 @@ class Worker:
 
     def run(self):
         next_heartbeat = 0.0
+        next_sweep = 0.0
         while self.running:
             events = dict(self.poller.poll(timeout=100))
             now = time.monotonic()
@@ -250,9 +272,19 @@ class Worker:
                 self._start_prepare()
             self._refill(now)
             self._expire_waiters(now)
+            if now >= next_sweep:
+                self._sweep_released()
+                next_sweep = now + SWEEP_INTERVAL
             if now >= next_heartbeat:
-                self.socket.send_multipart([protocol.HEARTBEAT, protocol.encode(self.status())])
+                self._send_heartbeat()
                 next_heartbeat = now + HEARTBEAT_INTERVAL
+
+    def _send_heartbeat(self):
+        try:
+            self.socket.send_multipart([protocol.HEARTBEAT, protocol.encode(self.status())],
+                                       zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the router is down; the next heartbeat after it returns says the same
 
     def _drain_requests(self):
         while True:
@@ -275,7 +307,12 @@ class Worker:
                 self._send(request_id, reply)
 
     def _send(self, request_id, reply):
-        self.socket.send_multipart([request_id, protocol.encode(reply)])
+        try:
+            self.socket.send_multipart([request_id, protocol.encode(reply)], zmq.NOBLOCK)
+        except zmq.Again:
+            # The router is gone; it treats the missing reply as a timeout.
+            log.warning("checkpoint %r: reply %s dropped, the router is not connected",
+                        self.name, request_id.decode(errors="replace"))
 
     def _handle(self, request_id, request):
         op = request.get("op")
@@ -290,19 +327,24 @@ class Worker:
             raise RequestError(f"{op!r} reached the worker after its deadline; retry")
         if op == "refresh":
             return protocol.ok(self._refresh())
+        # Returning needs only the journal, so it works whatever state the worker is in.
+        if op == "put":
+            return protocol.ok(self._put(request.get("lease")))
+        if op == "checkpoint-put":
+            return protocol.ok(self._checkpoint_ref(-1))
         if self.state != "ready":
             raise PoolError(f"checkpoint {self.name!r} is {self.state}"
                             + (f": {self.error}" if self.error else "; retry shortly"))
+        if op in ("checkpoint-get", "get") and self._replacing_preparation(request):
+            raise PoolError(f"checkpoint {self.name!r}: its source is being prepared again, "
+                            "which may replace the files this request would use; retry in a "
+                            "few seconds")
         if op == "get":
             return self._get(request_id, request.get("type"), deadline)
-        if op == "put":
-            return protocol.ok(self._put(request.get("lease")))
         if op == "update":
             return protocol.ok(self._update(request.get("capacity"), request.get("type")))
         if op == "checkpoint-get":
             return protocol.ok(self._checkpoint_ref(+1))
-        if op == "checkpoint-put":
-            return protocol.ok(self._checkpoint_ref(-1))
         raise RequestError(f"op {op!r} is not handled by workers")
 
     # -- requests -------------------------------------------------------------------
@@ -345,7 +387,15 @@ class Worker:
         lease_id = protocol.new_lease_id(self.name, pool.ns_type)
         entry = {**namespace.as_dict(), "leased_at": time.time()}
         # Journal first: a crash after this line leaves the lease held, never re-issued.
-        self.journal.add_lease(lease_id, entry)
+        try:
+            self.journal.add_lease(lease_id, entry)
+        except OSError as error:
+            pool.free.appendleft(namespace)
+            log.error("checkpoint %r: cannot record lease %s in %s: %s", self.name, lease_id,
+                      self.journal.lease_dir, error)
+            raise PoolError(f"checkpoint {self.name!r}: cannot record the lease in "
+                            f"{self.journal.lease_dir} ({error.strerror}); free space or fix the "
+                            "state directory and retry") from error
         pool.leased += 1
         log.info("checkpoint %r: lease %s of %s namespace %s", self.name, lease_id,
                  pool.ns_type, namespace.pin)
@@ -394,10 +444,16 @@ class Worker:
     def _checkpoint_ref(self, delta):
         if delta < 0 and self.journal.checkpoint_refs == 0:
             raise PoolError(f"checkpoint {self.name!r} has no references to return")
-        self.journal.checkpoint_refs += delta
-        self.journal.save()
-        return {"checkpoint": self.name, "path": str(self.prepared.images_dir),
-                "refs": self.journal.checkpoint_refs}
+        try:
+            self.journal.checkpoint_refs += delta
+            self.journal.save()
+        except OSError as error:
+            self.journal.checkpoint_refs -= delta
+            raise PoolError(f"checkpoint {self.name!r}: cannot record the reference in "
+                            f"{self.journal.refs_path} ({error.strerror}); free space or fix "
+                            "the state directory and retry") from error
+        path = str(self.prepared.images_dir) if self.prepared else None
+        return {"checkpoint": self.name, "path": path, "refs": self.journal.checkpoint_refs}
 
     # -- building ---------------------------------------------------------------------
 
@@ -430,6 +486,8 @@ class Worker:
             error = response.get("error") or {}
             pool.record_failure(error.get("code"), error.get("message", "build failed"),
                                 time.monotonic())
+            if namespace.bundle:
+                self._release_bundle(Path(namespace.bundle))
             return
         if response.get("rootfs"):
             namespace.rootfs = response["rootfs"]
@@ -453,7 +511,11 @@ class Worker:
             if namespace is None:
                 return
             self.waiters.remove(waiter)
-            self._send(request_id, protocol.ok(self._lease(pool, namespace)))
+            try:
+                reply = protocol.ok(self._lease(pool, namespace))
+            except CermanError as error:
+                reply = protocol.failure(error)
+            self._send(request_id, reply)
 
     def _expire_waiters(self, now):
         for waiter in list(self.waiters):
@@ -471,16 +533,47 @@ class Worker:
 
     def _destroy(self, namespace):
         pin = Path(namespace.pin)
+        ns_inode = None
         if pin.exists():
             try:
                 if namespaces.is_pinned(pin):
+                    ns_inode = pin.stat().st_ino
                     namespaces.unpin(pin)
                 else:
                     pin.unlink()
             except OSError as error:
                 log.error("checkpoint %r: cannot release %s: %s", self.name, pin, error)
         if namespace.bundle:
-            self._release_bundle(Path(namespace.bundle))
+            self._release_or_defer_bundle(Path(namespace.bundle), ns_inode)
+
+    def _release_or_defer_bundle(self, bundle, ns_inode):
+        """Remove a bundle, unless processes still live in its mount namespace.
+
+        A restored container that joined the namespace keeps using the overlay's upper
+        and work directories after ``put``, and removing them would break its root
+        filesystem. Such a bundle stays where it is with a marker naming the namespace,
+        and ``_sweep_released`` removes it once the last process has left.
+        """
+        if ns_inode is None or not mount_namespace_in_use(ns_inode):
+            self._release_bundle(bundle)
+            return
+        (bundle / RELEASED_MARKER).write_text(f"{ns_inode}\n")
+        log.info("checkpoint %r: bundle %s is still used by processes in its namespace; "
+                 "removing it once they exit", self.name, bundle)
+
+    def _sweep_released(self):
+        if not self.bundle_dir.is_dir():
+            return
+        for bundle in self.bundle_dir.iterdir():
+            marker = bundle / RELEASED_MARKER
+            try:
+                ns_inode = int(marker.read_text())
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError):
+                ns_inode = None
+            if ns_inode is None or not mount_namespace_in_use(ns_inode):
+                self._release_bundle(bundle)
 
     def _release_bundle(self, bundle):
         from workers.mnt_builder import release_bundle
@@ -527,8 +620,23 @@ class Worker:
             "error": self.error,
             "images": str(self.prepared.images_dir) if self.prepared else None,
             "checkpoint_refs": self.journal.checkpoint_refs,
+            "leases": len(self.journal.leases),
+            "config_digest": self.config_digest,
             "pools": {name: pool.status() for name, pool in self.pools.items()},
         }
+
+
+def mount_namespace_in_use(ns_inode):
+    """Return whether any process is in the mount namespace with inode ``ns_inode``."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry.name}/ns/mnt").st_ino == ns_inode:
+                return True
+        except OSError:
+            continue  # the process exited, or is a kernel thread
+    return False
 
 
 def run(name):
