@@ -205,7 +205,9 @@ class Worker:
 
     def _adopt(self):
         """Take over the pins of an earlier run: leased stay leased, the rest is free or dropped."""
-        leased = self.journal.leased_pins()
+        # Compared as real paths: the run directory may be named through a symlink
+        # (/var/run and /run) differently from one run to the next.
+        leased = {os.path.realpath(pin) for pin in self.journal.leased_pins()}
         for lease_id, entry in list(self.journal.leases.items()):
             if not namespaces.is_pinned(entry["pin"]):
                 log.warning("checkpoint %r: lease %s lost its pin %s; dropping it",
@@ -217,7 +219,7 @@ class Worker:
         kept = set()
         for ns_type in NS_TYPES:
             for pin in sorted((self.ns_dir / ns_type).iterdir()):
-                if str(pin) in leased:
+                if os.path.realpath(pin) in leased:
                     kept.add(pin.name)
                     continue
                 namespace = self._namespace_for(ns_type, pin)
@@ -525,8 +527,8 @@ class Worker:
                 continue
             self.waiters.remove(waiter)
             reason = pool.disabled or pool.last_error or "builds are still running"
-            error = PoolError(f"checkpoint {self.name!r}: no {ns_type} namespace became ready within "
-                              f"{GET_WAIT_MAX:g} s ({reason}); raise the pool capacity or retry")
+            error = PoolError(f"checkpoint {self.name!r}: no {ns_type} namespace became ready in "
+                              f"time ({reason}); raise the pool capacity or retry")
             self._send(request_id, protocol.failure(error))
 
     # -- release ----------------------------------------------------------------------
