@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+from workers.builder_client import BuilderProcess
+
 from service import CermanService
 
 
@@ -18,3 +20,14 @@ def cerman(tmp_path):
         yield service
     finally:
         service.cleanup()
+
+
+@pytest.fixture(scope="module")
+def builder():
+    """A builder process shared by the tests of one module."""
+    process = BuilderProcess()
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()

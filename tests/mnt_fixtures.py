@@ -26,6 +26,7 @@ from pathlib import Path
 
 from workers import namespaces
 from workers.extract import extract_tar
+from workers.sources.containerd import decode_any
 from workers.sources.model import PreparedCheckpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,29 +83,6 @@ def _manifest_layers(layout, manifest_descriptor, target):
     return layers[::-1]
 
 
-def _read_varint(data, pos):
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, pos
-
-
-def _any_value(data):
-    """Return field 2 (value) of a serialized protobuf ``Any``."""
-    pos = 0
-    while pos < len(data):
-        key, pos = _read_varint(data, pos)
-        length, pos = _read_varint(data, pos)
-        if key == (2 << 3 | 2):
-            return data[pos:pos + length]
-        pos += length
-    raise ValueError("protobuf Any has no value field")
-
-
 def prepare_containerd_fixture(workdir):
     """Unpack the containerd checkpoint fixture under ``workdir``."""
     workdir = Path(workdir)
@@ -123,7 +101,9 @@ def prepare_containerd_fixture(workdir):
     base = _manifest_layers(layout, by_type[MEDIA_MANIFEST], workdir)
 
     spec = workdir / "spec.json"
-    spec.write_bytes(_any_value(_blob(layout, by_type[MEDIA_CONFIG]).read_bytes()))
+    config_blob = _blob(layout, by_type[MEDIA_CONFIG])
+    _, spec_json = decode_any(config_blob.read_bytes(), str(config_blob))
+    spec.write_bytes(spec_json)
     return PreparedCheckpoint(name="ck-ipcfixture", images_dir=images,
                               rootfs_layers=(rw_layer, *base), spec_path=spec)
 

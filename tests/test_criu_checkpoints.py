@@ -11,7 +11,6 @@ import pytest
 
 from criu_checkpoints import (SCENARIOS, built_namespaces, make_ipc_checkpoint,
                               snapshot_pinned)
-from workers.builder_client import BuilderProcess
 
 pytestmark = pytest.mark.criu
 
@@ -36,16 +35,6 @@ def dumped(tmp_path_factory):
 @pytest.fixture(params=SCENARIOS)
 def checkpoint(request, dumped):
     return dumped(request.param)
-
-
-@pytest.fixture(scope="module")
-def builder():
-    process = BuilderProcess()
-    process.start()
-    try:
-        yield process
-    finally:
-        process.stop()
 
 
 def image_names(checkpoint):

@@ -6,7 +6,6 @@ show what the live containers showed (``expected-mnt.json``), seen through
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

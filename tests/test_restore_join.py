@@ -34,22 +34,11 @@ import pytest
 from criu_checkpoints import (SCENARIOS, RestoreError, built_namespaces, kill_restored,
                               make_ipc_checkpoint, restore, snapshot_process, subreaper)
 from workers import namespaces
-from workers.builder_client import BuilderProcess
 
 pytestmark = pytest.mark.criu
 
 # CRIU 4.1.1 logs this (criu/ipc_ns.c) when an object of the images already exists.
 CRIU_EEXIST = re.compile(r"Failed to create (shm|msg|sem) set: File exists")
-
-
-@pytest.fixture(scope="module")
-def builder():
-    process = BuilderProcess()
-    process.start()
-    try:
-        yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture

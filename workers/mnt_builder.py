@@ -39,7 +39,7 @@ from cerman.errors import ImageError, NamespaceError, PoolError, SourceError
 from workers import namespaces
 from workers.criu import images as criu_images
 from workers.mount_calls import PER_MOUNT_FLAGS, bind, resolve_inside
-from workers.namespaces import MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC
+from workers.namespaces import MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY
 from workers.tmpfs_restore import restore_tmpfs
 
 log = logging.getLogger(__name__)
