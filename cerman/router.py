@@ -27,13 +27,13 @@ log = logging.getLogger(__name__)
 
 # A worker that sent no heartbeat for this long is treated as gone.
 HEARTBEAT_EXPIRY = 3.0
-# Time a worker gets to answer; kept below the client's default timeout (30 s) so the
-# client always sees the router's error rather than its own timeout.
+# Time a worker gets to reply. It is kept below the client's default timeout (30 s), so
+# the client always sees the router's error rather than its own timeout.
 REQUEST_DEADLINES = {"get": 20.0, "checkpoint-get": 20.0}
 REQUEST_DEADLINE_DEFAULT = 10.0
 STATUS_FANOUT_DEADLINE = 2.0
 RECONCILE_RETRY_DELAY = 5.0
-# The router answers this long before a client's own timeout expires.
+# The router replies this long before a client's own timeout expires.
 CLIENT_TIMEOUT_MARGIN = 0.5
 # How long the router remembers a timed-out request, to return a lease issued late.
 LATE_REPLY_MEMORY = 300.0
@@ -76,8 +76,8 @@ class Router:
         self.running = True
         self.reconcile_at = None
         self.expired = {}
-        # Ids are unique across router restarts: a worker may still answer a request
-        # of the previous router process, and that reply must not match a new request.
+        # Ids are unique across router restarts, because a worker may still reply to a
+        # request of the previous router process and that reply must not match a new one.
         self._id_prefix = secrets.token_hex(4)
         self._request_ids = itertools.count(1)
 
@@ -237,7 +237,7 @@ class Router:
         seconds = REQUEST_DEADLINES.get(op, REQUEST_DEADLINE_DEFAULT)
         client_timeout = request.get("timeout")
         if isinstance(client_timeout, (int, float)) and not isinstance(client_timeout, bool):
-            # Answer before the client gives up, so a late lease is returned, not lost.
+            # Reply before the client gives up, so a late lease is returned, not lost.
             seconds = max(0.1, min(seconds, client_timeout - CLIENT_TIMEOUT_MARGIN))
         request_id = self._forward(checkpoint, request, seconds)
         self.pending[request_id] = Pending(envelope, time.monotonic() + seconds, checkpoint, op,
@@ -366,7 +366,7 @@ class Router:
         self.pending[request_id] = Pending(None, deadline, checkpoint, request["op"], {checkpoint})
 
     def _on_late_reply(self, checkpoint, request_id, reply):
-        """Handle a reply that came after its client was told the request timed out.
+        """Handle a reply that came after the router reported the request as timed out.
 
         A lease issued that late reached no client, so it is returned at once instead of
         staying leased until the worker stops.
@@ -396,17 +396,17 @@ class Router:
                 continue
             del self.pending[request_id]
             if pending.envelope is None:
-                log.warning("worker of checkpoint %r did not answer the router's %s in time",
+                log.warning("worker of checkpoint %r did not reply to the router's %s in time",
                             pending.checkpoint, pending.op)
                 continue
             if pending.op == "status" and pending.checkpoint is None:
                 self._reply(pending.envelope, protocol.ok(self._merge_status(pending.replies)))
                 continue
-            log.warning("worker of checkpoint %r did not answer %s in time",
+            log.warning("worker of checkpoint %r did not reply to %s in time",
                         pending.checkpoint, pending.op)
             self.expired[request_id] = (pending.op, now + LATE_REPLY_MEMORY)
             error = WorkerUnavailable(
-                f"worker of checkpoint {pending.checkpoint!r} did not answer {pending.op!r} in "
+                f"worker of checkpoint {pending.checkpoint!r} did not reply to {pending.op!r} in "
                 "time; it may be busy or restarting; check 'cerman ctl status' and retry")
             self._reply(pending.envelope, protocol.failure(error))
 
@@ -459,7 +459,7 @@ class Router:
                 entry = dict(reply["result"])
             elif worker is not None and worker.alive(now):
                 entry = dict(worker.status)
-                entry["note"] = "worker did not answer in time; showing its last heartbeat"
+                entry["note"] = "worker did not reply in time; showing its last heartbeat"
             elif worker is None:
                 entry = {"state": "starting", "pid": None, "pools": {}, "error": None}
             else:

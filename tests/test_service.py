@@ -327,7 +327,7 @@ def test_late_get_lease_returned(cerman):
 
     os.kill(pid, signal.SIGSTOP)
     try:
-        with pytest.raises(RemoteError, match="did not answer"):
+        with pytest.raises(RemoteError, match="did not reply"):
             cerman.client.get("fixture", "ipc")
     finally:
         os.kill(pid, signal.SIGCONT)

@@ -8,9 +8,9 @@ unlink, whatever the number of leases outstanding.
 A worker writes a lease *before* it replies to a ``get`` and removes it only *after*
 the namespace's pin is gone, so a restarted worker never treats a leased namespace as
 free: every pinned namespace that is not in the journal was never handed out. Files are
-replaced atomically (write, rename) but not fsynced: the journal must survive a crash
-of the worker process, which the page cache does, while a crash of the machine also
-ends every pin it describes (pins are mounts), so the adoption that follows drops its
+replaced atomically (write, rename) but not fsynced. The journal must survive a crash
+of the worker process, which the page cache does. A crash of the machine also ends
+every pin it describes (pins are mounts), so the adoption that follows drops its
 entries anyway.
 """
 
@@ -43,14 +43,14 @@ class Journal:
         self.lease_dir.mkdir(parents=True, exist_ok=True)
         for path in self.lease_dir.iterdir():
             if path.name.startswith("."):
-                # A write interrupted before its rename: the lease was never answered.
+                # A write interrupted before its rename: the get was never replied to.
                 path.unlink()
                 continue
             try:
                 self.leases[path.name[:-len(LEASE_SUFFIX)]] = json.loads(path.read_text())
             except (OSError, ValueError) as error:
                 # Renames are atomic, so this file was damaged from outside. Its pin is
-                # unknown and may be adopted as free: say so loudly and keep the file.
+                # unknown and may be adopted as free, so log an error and keep the file.
                 log.error("lease journal entry %s is unreadable (%s); the namespace it "
                           "leased may be handed out again", path, error)
         try:

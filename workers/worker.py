@@ -286,7 +286,7 @@ class Worker:
             self.socket.send_multipart([protocol.HEARTBEAT, protocol.encode(self.status())],
                                        zmq.NOBLOCK)
         except zmq.Again:
-            pass  # the router is down; the next heartbeat after it returns says the same
+            pass  # the router is down, and the next heartbeat after it returns carries the same
 
     def _drain_requests(self):
         while True:
@@ -322,8 +322,8 @@ class Worker:
             return protocol.ok(self.status())
         deadline = request.get("deadline")
         if deadline is not None and time.time() > deadline - DEADLINE_MARGIN:
-            # The router has told the client it timed out: acting now would, for a get,
-            # lease a namespace that nobody receives.
+            # The router has already reported a timeout to the client, so acting now
+            # would, for a get, lease a namespace that nobody receives.
             log.warning("checkpoint %r: dropping %s that arrived after its deadline",
                         self.name, op)
             raise RequestError(f"{op!r} reached the worker after its deadline; retry")
