@@ -52,7 +52,7 @@ class Client:
             self._socket = self._connect()
         timeout = self.timeout if timeout is None else timeout
 
-        # The router answers before this timeout, so it can return a lease issued late.
+        # The router replies before this timeout, so it can return a lease issued late.
         self._socket.send(protocol.encode({**message, "timeout": timeout}))
         if not self._socket.poll(int(timeout * 1000), zmq.POLLIN):
             self.close()

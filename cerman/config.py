@@ -206,7 +206,8 @@ def scan_config_dir(config_dir, keep=()):
 
     Names must be unique ignoring case, because circus watcher names are. When files
     clash, a name in ``keep`` (the checkpoints already running) wins, so a new file
-    cannot take a running checkpoint's name; otherwise the first file in sorted order.
+    cannot take a running checkpoint's name. Otherwise the first file in sorted order
+    wins.
     """
     scan = ConfigScan()
     config_dir = Path(config_dir)

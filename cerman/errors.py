@@ -10,7 +10,7 @@ Every error that cerman raises on purpose derives from ``CermanError``::
      ├── NamespaceError       a kernel call on a namespace failed (keeps errno)
      ├── PoolError            a pool cannot serve the request
      │    └── LeaseNotFound   a lease id is unknown to the worker
-     └── RequestError         a request could not be delivered or answered
+     └── RequestError         a request could not be delivered or replied to
           └── WorkerUnavailable   the checkpoint's worker is missing, starting or slow
 
 Each error carries the context of the boundary it crossed (file, key, checkpoint,
@@ -96,7 +96,7 @@ class LeaseNotFound(PoolError):
 
 
 class RequestError(CermanError):
-    """Raised when a request is malformed or cannot be answered."""
+    """Raised when a request is malformed or gets no reply."""
 
     code = "request"
 

@@ -1,16 +1,15 @@
 """The router: the one socket clients talk to.
 
-It forwards each request to the worker of the checkpoint it names, replies with an
-error (never a hang) when that worker is missing, starting or slow, and keeps circus'
-worker watchers in line with the config directory (at start and on ``reload``).
+It forwards each request to the worker of the checkpoint it names. When that worker
+is missing, starting or slow, it replies with an error rather than leaving the client
+waiting. It also keeps circus' worker watchers in line with the config directory, at
+start and on ``reload``.
 """
 
 import hashlib
 import itertools
 import logging
-import os
 import secrets
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from cerman import paths as cerman_paths
 from cerman import protocol
 from cerman.config import scan_config_dir
 from cerman.errors import CermanError, ConfigError, RequestError, WorkerUnavailable
+from cerman.process import configure_logging, stop_on_signals
 from cerman.watchers import CircusError, WatcherControl, watcher_name
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ class Router:
 
         self._require_configured(checkpoint)
         if op == "status" and not self._worker_alive(checkpoint):
-            # Status of a worker that is down still has an answer: what the router knows.
+            # A worker that is down cannot reply, so the router reports what it has.
             self._reply(envelope, protocol.ok(self._merge_status({})["checkpoints"][checkpoint]))
             return
         seconds = REQUEST_DEADLINES.get(op, REQUEST_DEADLINE_DEFAULT)
@@ -491,17 +491,11 @@ def _file_digest(path):
 
 def run():
     """Entry point of the cerman-router watcher; returns the exit code."""
-    logging.basicConfig(force=True, level=os.environ.get("CERMAN_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s router[%(process)d] %(levelname)s %(name)s: %(message)s")
+    configure_logging("router")
     paths = cerman_paths.resolve()
     watchers = WatcherControl(paths.circus_endpoint, paths)
     router = Router(paths, watchers)
-
-    def stop(signum, frame):
-        router.running = False
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stop_on_signals(router)
 
     router.bind()
     try:

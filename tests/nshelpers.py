@@ -107,7 +107,9 @@ def set_ipc_var_field(images_dir, field_number, value):
         key, position = _varint(data, position)
         number, wire_type = key >> 3, key & 7
         if number == field_number:
-            assert wire_type == 0 and data[position] < 0x80 and value < 0x80
+            assert wire_type == 0
+            assert data[position] < 0x80
+            assert value < 0x80
             data[position] = value
             path.write_bytes(bytes(data))
             return

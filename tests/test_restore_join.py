@@ -62,7 +62,7 @@ def ns_inode(path):
 
 @contextlib.contextmanager
 def empty_namespaces(pin_dir):
-    """Pin fresh IPC and UTS namespaces that nobody populated; yield (ipc pin, uts pin)."""
+    """Pin fresh IPC and UTS namespaces that no builder populated; yield (ipc pin, uts pin)."""
     pin_dir.mkdir(parents=True, exist_ok=True)
     pins = {ns_type: pin_dir / ns_type for ns_type in ("ipc", "uts")}
     namespaces.make_private_mount(pin_dir)

@@ -224,7 +224,8 @@ def test_checkpoint_get_put(cerman):
     code, result = ctl(cerman, "checkpoint", "get", "fixture")
     assert code == 0
     assert result["refs"] == 1
-    assert (result["path"] and os.path.exists(os.path.join(result["path"], "inventory.img")))
+    assert result["path"]
+    assert os.path.exists(os.path.join(result["path"], "inventory.img"))
     code, result = ctl(cerman, "checkpoint", "put", "fixture")
     assert result["refs"] == 0
     code, message = ctl(cerman, "checkpoint", "put", "fixture")

@@ -1,7 +1,7 @@
 """Prepare one checkpoint and print the result as JSON: ``python -m workers.prepare NAME``.
 
-The worker runs this as a subprocess so that a slow extraction (a containerd image, a
-large archive) never blocks its request loop, and never forks a process with threads.
+The worker runs this as a subprocess, started with fork and exec, so that a slow
+extraction (a containerd image, a large archive) does not block its request loop.
 Output on stdout: ``{"ok": true, "prepared": {...}, "pools": {TYPE: null | reason}}``
 or ``{"ok": false, "error": {"code": ..., "message": ...}}``; exit code 0 either way.
 """

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from cerman import paths as cerman_paths
 from cerman import protocol
 from cerman.config import POOL_CAPACITY_MAX
 from cerman.errors import CermanError, LeaseNotFound, PoolError, RequestError
+from cerman.process import configure_logging, stop_on_signals
 from workers import namespaces
 from workers.builder_client import BuilderProcess
 from workers.journal import Journal
@@ -323,10 +323,11 @@ class Worker:
         deadline = request.get("deadline")
         if deadline is not None and time.time() > deadline - DEADLINE_MARGIN:
             # The router has already reported a timeout to the client, so acting now
-            # would, for a get, lease a namespace that nobody receives.
+            # would, for a get, lease a namespace that no client receives.
             log.warning("checkpoint %r: dropping %s that arrived after its deadline",
                         self.name, op)
             raise RequestError(f"{op!r} reached the worker after its deadline; retry")
+
         if op == "refresh":
             return protocol.ok(self._refresh())
         # Returning needs only the journal, so it works whatever state the worker is in.
@@ -334,6 +335,7 @@ class Worker:
             return protocol.ok(self._put(request.get("lease")))
         if op == "checkpoint-put":
             return protocol.ok(self._checkpoint_ref(-1))
+
         if self.state != "ready":
             raise PoolError(f"checkpoint {self.name!r} is {self.state}"
                             + (f": {self.error}" if self.error else "; retry shortly"))
@@ -341,6 +343,7 @@ class Worker:
             raise PoolError(f"checkpoint {self.name!r}: its source is being prepared again, "
                             "which may replace the files this request would use; retry in a "
                             "few seconds")
+
         if op == "get":
             return self._get(request_id, request.get("type"), deadline)
         if op == "update":
@@ -643,16 +646,9 @@ def mount_namespace_in_use(ns_inode):
 
 def run(name):
     """Entry point of the cerman-worker-NAME watcher; returns the exit code."""
-    logging.basicConfig(force=True, level=os.environ.get("CERMAN_LOG_LEVEL", "INFO"),
-                        format=f"%(asctime)s worker {name}[%(process)d] %(levelname)s "
-                               "%(name)s: %(message)s")
+    configure_logging(f"worker {name}")
     worker = Worker(name, cerman_paths.resolve())
-
-    def stop(signum, frame):
-        worker.running = False
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stop_on_signals(worker)
     worker.start()
     try:
         worker.run()

@@ -1,4 +1,4 @@
-"""What a checkpoint source yields once prepared on disk."""
+"""The prepared form of a checkpoint source, as the namespace builders use it."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,7 +8,7 @@ from pathlib import Path
 class PreparedCheckpoint:
     """A checkpoint extracted under the state directory, ready for namespace builders.
 
-    ``images_dir`` holds the CRIU image files. ``rootfs_layers`` are read-only
+    ``images_dir`` contains the CRIU image files. ``rootfs_layers`` are read-only
     directories for the overlay's ``lowerdir``, topmost first; empty when the source
     carries no root filesystem and the config names none. ``spec_path`` is the
     container's OCI runtime spec as JSON when the source carries one. ``devshm_tar``
