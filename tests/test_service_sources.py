@@ -250,9 +250,12 @@ def test_put_keeps_bundle_for_joined_process(cerman, containerd, hostdata):
     rootfs = lease["rootfs"]
     joined = subprocess.Popen(
         ["nsenter", f"--mount={lease['path']}", "sh", "-c",
-         f"read line; echo written after put > {rootfs}/after.txt && cat {rootfs}/after.txt"],
+         f"echo joined; read line; echo written after put > {rootfs}/after.txt && "
+         f"cat {rootfs}/after.txt"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
+        # Put only once the process is inside the namespace, or the put may come first.
+        assert joined.stdout.readline() == "joined\n"
         cerman.client.put(lease["lease"])
         output, _ = joined.communicate("go\n", timeout=30)
     finally:
