@@ -107,8 +107,8 @@ def make_ipc_checkpoint(workdir: Path, scenario: str, *, interpreter=None) -> Ch
         env["PYTHONHOME"] = sys.prefix
     command = ["unshare", "--ipc", "--uts", str(interpreter or sys.executable), str(GENERATOR),
                scenario]
-    # A session of its own: CRIU refuses a task whose session leader lies outside its pid
-    # namespace, as happens when the tests themselves run in a pid namespace.
+    # Start a new session, because criu dump fails on a task whose session leader is
+    # outside its pid namespace, as when the tests run in a pid namespace.
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, cwd="/", env=env,
                                start_new_session=True)

@@ -254,7 +254,7 @@ def test_put_keeps_bundle_for_joined_process(cerman, containerd, hostdata):
          f"cat {rootfs}/after.txt"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        # Put only once the process is inside the namespace, or the put may come first.
+        # Put only after the process has entered the namespace, so that put finds it there.
         assert joined.stdout.readline() == "joined\n"
         cerman.client.put(lease["lease"])
         output, _ = joined.communicate("go\n", timeout=30)
