@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import time
 
 import click
 
@@ -76,8 +77,8 @@ def _call(context, as_json, method, *args, printer=None):
 
 
 def _print_status(result):
-    if "checkpoints" not in result:
-        # The status of one checkpoint.
+    one_checkpoint = "checkpoints" not in result
+    if one_checkpoint:
         result = {"checkpoints": {result.get("checkpoint", "?"): result}}
     for error in result.get("config_errors", []):
         click.echo(f"invalid config: {error['message']}")
@@ -94,6 +95,20 @@ def _print_status(result):
                 click.echo(f"    disabled: {pool['disabled']}")
             if pool.get("last_error"):
                 click.echo(f"    last error: {pool['last_error']}")
+        if one_checkpoint:
+            for lease in checkpoint.get("lease_list") or []:
+                click.echo(f"  lease {lease['lease']} ({lease['type']}), {_held_duration(lease['leased_at'])}")
+
+
+def _held_duration(timestamp):
+    if not timestamp:
+        return "age unknown"
+    seconds = max(0, int(time.time() - timestamp))
+    if seconds < 120:
+        return f"held {seconds} s"
+    if seconds < 7200:
+        return f"held {seconds // 60} min"
+    return f"held {seconds // 3600} h"
 
 
 @ctl.command()

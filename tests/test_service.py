@@ -60,6 +60,31 @@ def test_status_counts(cerman):
     cerman.client.put(lease["lease"])
 
 
+def test_status_lists_open_leases(cerman):
+    cerman.write_config("fixture", pools={"ipc": 2, "uts": 1})
+    cerman.start()
+    cerman.wait_pools_full("fixture")
+    first = cerman.client.get("fixture", "ipc")
+    second = cerman.client.get("fixture", "uts")
+
+    code, status = ctl(cerman, "status", "fixture")
+    assert code == 0
+    assert [lease["lease"] for lease in status["lease_list"]] == [first["lease"], second["lease"]]
+    assert status["lease_list"][0]["path"] == first["path"]
+    assert status["lease_list"][1]["type"] == "uts"
+    assert status["lease_list"][0]["leased_at"] <= status["lease_list"][1]["leased_at"]
+
+    result = subprocess.run(["cerman", "ctl", "--socket", f"ipc://{cerman.run_dir}/cerman.sock",
+                             "status", "fixture"], capture_output=True, text=True,
+                            env=cerman.env, timeout=60)
+    assert f"lease {first['lease']} (ipc), held " in result.stdout
+
+    cerman.client.put(first["lease"])
+    code, status = ctl(cerman, "status", "fixture")
+    assert [lease["lease"] for lease in status["lease_list"]] == [second["lease"]]
+    cerman.client.put(second["lease"])
+
+
 def test_several_checkpoints(cerman, tmp_path):
     checkpoints = {"fixture": (IPC_UTS_IMAGES, EXPECTED)}
     for scenario in ("sparse-ids", "many"):

@@ -626,9 +626,17 @@ class Worker:
             "images": str(self.prepared.images_dir) if self.prepared else None,
             "checkpoint_refs": self.journal.checkpoint_refs,
             "leases": len(self.journal.leases),
+            "lease_list": self._lease_list(),
             "config_digest": self.config_digest,
             "pools": {name: pool.status() for name, pool in self.pools.items()},
         }
+
+    def _lease_list(self):
+        """Return the open leases, oldest first, so an operator can find and put stale ones."""
+        leases = [{"lease": lease_id, "type": entry.get("type"), "path": entry.get("pin"),
+                   "leased_at": entry.get("leased_at")}
+                  for lease_id, entry in self.journal.leases.items()]
+        return sorted(leases, key=lambda lease: (lease["leased_at"] or 0, lease["lease"]))
 
 
 def mount_namespace_in_use(ns_inode):
