@@ -97,10 +97,12 @@ def _print_status(result):
                 click.echo(f"    last error: {pool['last_error']}")
         if one_checkpoint:
             for lease in checkpoint.get("lease_list") or []:
-                click.echo(f"  lease {lease['lease']} ({lease['type']}), {_held_duration(lease['leased_at'])}")
+                held = _held_duration(lease["leased_at"])
+                click.echo(f"  lease {lease['lease']} ({lease['type']}), {held}")
 
 
 def _held_duration(timestamp):
+    """Format how long ago ``timestamp`` (seconds since the epoch) was, for status."""
     if not timestamp:
         return "age unknown"
     seconds = max(0, int(time.time() - timestamp))

@@ -26,6 +26,12 @@ def ctl(service, *args):
     return result.returncode, result.stderr
 
 
+def ctl_text(service, *args):
+    """Run `cerman ctl ...` without --json; return the completed process."""
+    return subprocess.run(["cerman", "ctl", "--socket", f"ipc://{service.run_dir}/cerman.sock",
+                           *args], capture_output=True, text=True, env=service.env, timeout=60)
+
+
 def test_lease_matches_checkpoint(cerman):
     cerman.write_config("fixture")
     cerman.start()
@@ -74,13 +80,12 @@ def test_status_lists_open_leases(cerman):
     assert status["lease_list"][1]["type"] == "uts"
     assert status["lease_list"][0]["leased_at"] <= status["lease_list"][1]["leased_at"]
 
-    result = subprocess.run(["cerman", "ctl", "--socket", f"ipc://{cerman.run_dir}/cerman.sock",
-                             "status", "fixture"], capture_output=True, text=True,
-                            env=cerman.env, timeout=60)
+    result = ctl_text(cerman, "status", "fixture")
     assert f"lease {first['lease']} (ipc), held " in result.stdout
 
     cerman.client.put(first["lease"])
     code, status = ctl(cerman, "status", "fixture")
+    assert code == 0
     assert [lease["lease"] for lease in status["lease_list"]] == [second["lease"]]
     cerman.client.put(second["lease"])
 
@@ -369,9 +374,7 @@ def test_status_printed_for_one_checkpoint(cerman):
     cerman.write_config("fixture")
     cerman.start()
     cerman.wait_pools_full("fixture")
-    result = subprocess.run(["cerman", "ctl", "--socket", f"ipc://{cerman.run_dir}/cerman.sock",
-                             "status", "fixture"], capture_output=True, text=True,
-                            env=cerman.env, timeout=60)
+    result = ctl_text(cerman, "status", "fixture")
     assert result.returncode == 0
     assert result.stdout.startswith("fixture: ready (pid ")
     assert "ipc: free 2, leased 0" in result.stdout
